@@ -1,0 +1,235 @@
+"""Checkpoint folders: everything needed to rebuild the model, and nothing that unpickles.
+
+A checkpoint is a folder::
+
+    model.safetensors   weights (fp16 or fp32)
+    config.json         the full recipe (data / tokenizer / model / train) and metadata
+    tokenizer.model     the sentencepiece model
+    metrics.jsonl       the training log (one JSON object per line), if any
+    README.md           a short model card
+    manifest.json       SHA-256 and size of every file above, verified at load
+
+Saving is atomic: the folder is written under a temporary name and swapped in, so a crash
+mid-save leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import Config
+from .model import Seq2Seq, build_model
+from .text import Tokenizer
+
+WEIGHTS, CONFIG, TOKENIZER, METRICS, CARD, MANIFEST = (
+    "model.safetensors", "config.json", "tokenizer.model", "metrics.jsonl", "README.md", "manifest.json")
+REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    model: Seq2Seq
+    tokenizer: Tokenizer
+    config: Config
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unique_state(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """state_dict without tied aliases (safetensors refuses shared storage)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen[t.data_ptr()] = name
+        t = t.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[name] = t.contiguous()
+    return out
+
+
+def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, config: Config, *,
+                    meta: dict[str, Any] | None = None, metrics_path: str | Path | None = None,
+                    extra_files: dict[str, Path] | None = None, dtype: torch.dtype | None = None,
+                    card: str | None = None) -> Path:
+    """Write a checkpoint folder atomically. ``dtype=torch.float16`` halves the weights file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = dict(meta or {})
+    save_file(_unique_state(model, dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    (tmp / CONFIG).write_text(json.dumps({"config": config.to_dict(), "meta": meta}, ensure_ascii=False, indent=2),
+                              encoding="utf-8")
+    (tmp / TOKENIZER).write_bytes(tokenizer.to_bytes())
+    if metrics_path and Path(metrics_path).exists():
+        shutil.copyfile(metrics_path, tmp / METRICS)
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    (tmp / CARD).write_text(card or model_card(config, meta), encoding="utf-8")
+    manifest = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    _fsync_dir(tmp)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    for p in d.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def resolve(path: str | Path) -> Path:
+    """The folder to load; falls back to ``<path>.old`` left by a save that crashed mid-swap."""
+    path = Path(path)
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        return path.with_name(path.name + ".old")
+    return path
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check the folder against its manifest; raise :class:`CheckpointError` naming the bad file."""
+    path = resolve(path)
+    fix = "re-download or re-train it (python -m chatbot train ...), or pass another --checkpoint"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist; {fix}")
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}; {fix}")
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} to verify its files against; {fix}")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_file} is not valid JSON ({e}); {fix}") from None
+    for name, entry in manifest.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is listed in the manifest but missing; {fix}")
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            raise CheckpointError(f"{f} has {size} bytes, the manifest says {entry.get('bytes')} "
+                                  f"(truncated or replaced?); {fix}")
+        if sha256(f) != entry.get("sha256"):
+            raise CheckpointError(f"{f} does not match its SHA-256 in the manifest (corrupt or modified); {fix}")
+    return manifest
+
+
+def read_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    f = resolve(path) / CONFIG
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+        return Config.from_dict(raw["config"]), raw.get("meta", {})
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not a valid checkpoint config ({e})") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Verify, then rebuild model and tokenizer. Nothing is unpickled."""
+    path = resolve(path)
+    verify(path)
+    config, meta = read_config(path)
+    try:
+        tokenizer = Tokenizer.from_bytes((path / TOKENIZER).read_bytes(), morphemes=config.tokenizer.morphemes)
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad proto
+        raise CheckpointError(f"{path / TOKENIZER} is not a valid sentencepiece model ({e})") from None
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise CheckpointError(f"{path / TOKENIZER} has {tokenizer.vocab_size} pieces but {path / CONFIG} "
+                              f"says vocab_size={config.model.vocab_size}: the files come from different runs")
+    model = build_model(config.model)
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS} is not a readable safetensors file ({e})") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not _is_alias(model, k, state)]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path / WEIGHTS} does not match the model described by {path / CONFIG}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v.to(expected[k].dtype))
+    model.to(device).eval()
+    return Checkpoint(model, tokenizer, config, meta, path)
+
+
+def _is_alias(model: torch.nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
+    """True when ``key`` shares storage with a tensor that is in ``state`` (tied weights)."""
+    sd = model.state_dict()
+    ptr = sd[key].data_ptr()
+    return any(sd[k].data_ptr() == ptr for k in state if k in sd)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    f = resolve(path) / METRICS if Path(path).is_dir() else Path(path)
+    if not f.exists():
+        return []
+    rows = []
+    for line in f.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash
+    return rows
+
+
+def model_card(config: Config, meta: dict[str, Any]) -> str:
+    m = config.model
+    lines = [
+        "# Korean attention seq2seq chatbot",
+        "",
+        f"- Architecture: embedding {m.emb_dim} -> bidirectional {m.rnn.upper()} encoder "
+        f"({m.enc_layers} layer(s), {m.hidden_dim // 2} per direction) -> {m.rnn.upper()} decoder "
+        f"({m.dec_layers} layer(s), {m.hidden_dim}) with `{m.attention}` attention"
+        f"{', tied output embedding' if m.tie_embeddings else ''}.",
+        f"- Parameters: {meta.get('parameters', '?'):,}" if isinstance(meta.get("parameters"), int)
+        else "- Parameters: ?",
+        f"- Tokenizer: sentencepiece {config.tokenizer.model_type}, {m.vocab_size} pieces"
+        f"{', konlpy Okt morphemes first' if config.tokenizer.morphemes else ''}; NFC normalisation.",
+        "- Corpus: ChatbotData (songys/Chatbot_data, MIT licence), split by unique question.",
+    ]
+    if "best_val_loss" in meta:
+        lines.append(f"- Best validation loss {meta['best_val_loss']:.4f} at epoch {meta.get('best_epoch')}; "
+                     f"trained {meta.get('steps')} steps in {meta.get('train_seconds', 0):.0f} s on {meta.get('device')}.")
+    if meta.get("command"):
+        lines += ["", "Made with:", "", f"    {meta['command']}"]
+    if meta.get("evaluation"):
+        lines += ["", "## Evaluation", "", meta["evaluation"]]
+    return "\n".join(lines) + "\n"

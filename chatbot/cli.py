@@ -1,0 +1,160 @@
+"""Command line: ``python -m chatbot {download,train,reply,evaluate} ...`` (``--help`` on each)."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any
+
+HELP = """Korean attention seq2seq chatbot.
+
+  python -m chatbot download                       fetch the public ChatbotData corpus to data/
+  python -m chatbot train --config configs/default.yaml
+  python -m chatbot reply                          one reply per stdin line (shipped model)
+  python -m chatbot evaluate --data data/ChatbotData.csv
+"""
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--strategy", choices=["greedy", "beam", "sample"], default=None,
+                   help="decoding strategy (default greedy; beam if --beam > 1)")
+    g.add_argument("--beam", type=int, default=1, help="beam size (>1 means beam search)")
+    g.add_argument("--n-best", type=int, default=1, help="beam search: hypotheses to return")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: GNMT length penalty alpha")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely pieces (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+    g.add_argument("--max-len", type=int, default=40, help="maximum reply pieces")
+    g.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeated pieces")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def _decoding(a: argparse.Namespace) -> dict[str, Any]:
+    strategy = a.strategy or ("beam" if a.beam > 1 else "greedy")
+    d: dict[str, Any] = {"strategy": strategy, "max_len": a.max_len, "no_repeat_ngram": a.no_repeat_ngram,
+                         "repetition_penalty": a.repetition_penalty}
+    if strategy == "beam":
+        d.update(beam_size=max(1, a.beam), n_best=a.n_best, length_penalty=a.length_penalty)
+    if strategy == "sample":
+        d.update(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    return d
+
+
+def _overrides(extra: list[str]) -> dict[str, str]:
+    """``--train.epochs 3 --model.attention=dot`` -> {"train.epochs": "3", "model.attention": "dot"}."""
+    out: dict[str, str] = {}
+    it = iter(extra)
+    for tok in it:
+        if not tok.startswith("--") or "." not in tok:
+            raise SystemExit(f"unknown argument {tok!r}: config overrides look like --section.key value")
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            value = next(it, None)
+            if value is None:
+                raise SystemExit(f"{tok} needs a value")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m chatbot", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="download the public ChatbotData corpus")
+    p.add_argument("--url", default=None, help="corpus URL (default: the songys/Chatbot_data raw CSV)")
+    p.add_argument("--out", default=None, help="where to write it (default: $CHATBOT_DATA or data/ChatbotData.csv)")
+
+    p = sub.add_parser("train", help="train a model from a YAML recipe",
+                       description="Train from a recipe; override any key with --section.key value, "
+                                   "e.g. --train.epochs 3 --model.attention additive.")
+    p.add_argument("--config", default=None, help="YAML recipe (default: built-in defaults)")
+    p.add_argument("--data", default=None, help="corpus CSV (default: $CHATBOT_DATA or data/ChatbotData.csv)")
+    p.add_argument("--out", default=None, help="output folder (overrides train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last exactly where it stopped")
+
+    p = sub.add_parser("reply", help="reply to each line of stdin, one line each")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped checkpoints/default)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: reply, tokens and attention")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    _decoding_args(p)
+
+    p = sub.add_parser("evaluate", help="metrics on a split, beside a TF-IDF retrieval baseline")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped one)")
+    p.add_argument("--data", default=None, help="corpus CSV (default: $CHATBOT_DATA or data/ChatbotData.csv)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown table to stderr")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    _decoding_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .checkpoint import CheckpointError
+    from .data import CorpusError
+    try:
+        return _run(args, extra, argv)
+    except (CheckpointError, CorpusError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    if args.command == "download":
+        from .config import default_data_path
+        from .data import DEFAULT_URL, download_corpus
+        path = download_corpus(args.url or DEFAULT_URL, args.out or default_data_path())
+        print(path)
+        return 0
+
+    if args.command == "train":
+        from .config import load_config
+        from .train import TrainingError, train
+        overrides = _overrides(extra)
+        if args.data:
+            overrides["data.path"] = args.data
+        if args.out:
+            overrides["train.out_dir"] = args.out
+        cfg = load_config(args.config, overrides)
+        try:
+            best = train(cfg, resume=args.resume, command="python -m chatbot " + shlex.join(argv))
+        except TrainingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(best)
+        return 0
+
+    from .inference import ChatBot
+    bot = ChatBot.from_checkpoint(args.checkpoint, device=args.device)
+    decoding = _decoding(args)
+
+    if args.command == "reply":
+        for line in sys.stdin:
+            r = bot.reply(line.rstrip("\n"), **decoding)
+            if args.json:
+                print(json.dumps(r.to_dict(), ensure_ascii=False), flush=True)
+            else:
+                print(r.text.replace("\n", " "), flush=True)
+        return 0
+
+    if args.command == "evaluate":
+        from .config import default_data_path
+        from .evaluate import evaluate, markdown_table
+        result = evaluate(bot, args.data or default_data_path(), args.split, args.limit, **decoding)
+        if args.markdown:
+            print(markdown_table(result), file=sys.stderr)
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return 0
+    return 2

@@ -1,0 +1,193 @@
+"""ChatBot: load a checkpoint once, then reply (whole or streamed) with the attention behind each piece.
+
+    bot = ChatBot.from_checkpoint("checkpoints/default")
+    r = bot.reply("오늘 너무 힘들었어", strategy="beam", beam_size=5)
+    r.text, r.source_tokens, r.reply_tokens, r.attention   # attention: (len(reply_tokens), len(source_tokens))
+
+    for step in bot.stream("안녕"):                          # one step per generated piece
+        step.piece, step.attention, step.candidates
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .batching import pad
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import EOS_ID
+from .search import DecodeOptions, Hypothesis, beam_search, decode, decode_steps
+from .text import normalize
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+MAX_MESSAGE_CHARS = 500  # longer messages are cut before tokenising (bounded time for any input)
+EMPTY_PROMPT = "메시지를 입력해 주세요. (Please type a message.)"
+
+
+@dataclass
+class Candidate:
+    piece: str
+    prob: float
+
+
+@dataclass
+class Reply:
+    text: str  # the reply, detokenised
+    source_tokens: list[str]  # the message's pieces as the encoder saw them (heatmap columns)
+    reply_tokens: list[str]  # the reply's pieces (heatmap rows)
+    attention: np.ndarray | None  # (len(reply_tokens), len(source_tokens)); None without attention
+    candidates: list[list[Candidate]] = field(default_factory=list)  # per step: top-k next pieces
+    score: float = 0.0  # log-probability (length-normalised for beam search)
+    n_best: list["Reply"] = field(default_factory=list)  # beam search: every returned hypothesis
+    truncated: bool = False  # the message was cut to fit the encoder
+    generated: bool = True  # False: the message was empty, the model was not run
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: attention as nested lists of floats."""
+        return {
+            "reply": self.text,
+            "source_tokens": self.source_tokens,
+            "reply_tokens": self.reply_tokens,
+            "attention": [] if self.attention is None else [[round(float(x), 5) for x in row] for row in self.attention],
+            "score": self.score,
+            "truncated": self.truncated,
+            "n_best": [{"reply": h.text, "score": h.score} for h in self.n_best],
+        }
+
+
+@dataclass
+class StreamStep:
+    piece: str  # the piece generated at this step
+    attention: np.ndarray | None  # (len(source_tokens),) where the decoder looked for it
+    candidates: list[Candidate]  # top-k next pieces it chose among
+    reply: Reply  # everything generated so far
+
+
+class ChatBot:
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu"):
+        self.model = checkpoint.model.eval()
+        self.tokenizer = checkpoint.tokenizer
+        self.config = checkpoint.config
+        self.meta = checkpoint.meta
+        self.path = checkpoint.path
+        self.device = torch.device(device)
+        self.max_source_len = self.config.data.max_source_len
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, device: str | torch.device = "auto") -> "ChatBot":
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(load_checkpoint(path or DEFAULT_CHECKPOINT, device), device)
+
+    @property
+    def has_attention(self) -> bool:
+        return self.model.attention is not None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else "model"
+
+    # ------------------------------------------------------------------ helpers
+    def _encode(self, text: str) -> tuple[list[int], bool]:
+        text = normalize(text[: MAX_MESSAGE_CHARS * 2])
+        cut = len(text) > MAX_MESSAGE_CHARS
+        ids = self.tokenizer.encode(text[:MAX_MESSAGE_CHARS])
+        cut = cut or len(ids) > self.max_source_len
+        return ids[: self.max_source_len], cut
+
+    def _pieces(self, ids: list[int]) -> list[str]:
+        return self.tokenizer.display_pieces(ids)
+
+    def _candidates(self, ids: np.ndarray, probs: np.ndarray) -> list[Candidate]:
+        pieces = self._pieces([int(i) for i in ids])
+        return [Candidate(p if int(i) != EOS_ID else "</s>", float(q)) for p, i, q in zip(pieces, ids, probs)]
+
+    def _to_reply(self, h: Hypothesis, src_ids: list[int], truncated: bool) -> Reply:
+        return Reply(
+            text=self.tokenizer.decode(h.tokens), source_tokens=self._pieces(src_ids),
+            reply_tokens=self._pieces(h.tokens), attention=h.attention,
+            candidates=[self._candidates(i, p) for i, p in zip(h.topk_ids, h.topk_probs)],
+            score=h.norm_score, truncated=truncated)
+
+    def _tensors(self, batch: list[list[int]], label: int | None):
+        src = pad(batch).to(self.device)
+        src_len = torch.tensor([len(s) for s in batch], device=self.device)
+        lab = None
+        if self.config.model.num_labels:
+            lab = torch.full((len(batch),), label or 0, dtype=torch.long, device=self.device)
+        return src, src_len, lab
+
+    @staticmethod
+    def _empty() -> Reply:
+        return Reply(EMPTY_PROMPT, [], [], None, generated=False)
+
+    # ------------------------------------------------------------------ API
+    def reply(self, text: str, label: int | None = None, **decoding: Any) -> Reply:
+        """Decode one message. ``decoding``: any :class:`DecodeOptions` field."""
+        return self.reply_batch([text], label=label, **decoding)[0]
+
+    def reply_batch(self, texts: list[str], label: int | None = None, **decoding: Any) -> list[Reply]:
+        opts = DecodeOptions(**decoding)
+        encoded = [self._encode(t) for t in texts]
+        live = [i for i, (ids, _) in enumerate(encoded) if ids]
+        out: list[Reply] = [self._empty() for _ in texts]
+        if not live:
+            return out
+        src, src_len, lab = self._tensors([encoded[i][0] for i in live], label)
+        with torch.inference_mode():
+            results = decode(self.model, src, src_len, opts, lab)
+        for i, hyps in zip(live, results):
+            ids, cut = encoded[i]
+            replies = [self._to_reply(h, ids, cut) for h in hyps]
+            best = replies[0]
+            if opts.strategy == "beam":
+                best.n_best = replies
+            out[i] = best
+        return out
+
+    def stream(self, text: str, label: int | None = None, **decoding: Any) -> Iterator[StreamStep]:
+        """Yield one :class:`StreamStep` per generated piece (greedy and sampling decode live;
+        beam search finishes first, then its best hypothesis is replayed piece by piece)."""
+        opts = DecodeOptions(**decoding)
+        ids, cut = self._encode(text)
+        if not ids:
+            return
+        src, src_len, lab = self._tensors([ids], label)
+        source_tokens = self._pieces(ids)
+        if opts.strategy == "beam":
+            with torch.inference_mode():
+                hyps = beam_search(self.model, src, src_len, opts, lab)
+            full = self._to_reply(hyps[0], ids, cut)
+            full.n_best = [self._to_reply(h, ids, cut) for h in hyps]
+            for t in range(len(full.reply_tokens)):
+                partial = Reply(self.tokenizer.decode(hyps[0].tokens[: t + 1]), source_tokens,
+                                full.reply_tokens[: t + 1],
+                                None if full.attention is None else full.attention[: t + 1],
+                                full.candidates[: t + 1], full.score, full.n_best if t + 1 == len(full.reply_tokens) else [],
+                                cut)
+                yield StreamStep(full.reply_tokens[t], None if full.attention is None else full.attention[t],
+                                 full.candidates[t], partial)
+            return
+        gen = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.seed is not None else None
+        tokens: list[int] = []
+        rows: list[np.ndarray] = []
+        cands: list[list[Candidate]] = []
+        score = 0.0
+        with torch.inference_mode():  # not held across yields: a server may resume us on another thread
+            memory = self.model.encode(src, src_len, lab)
+        for step in decode_steps(self.model, memory, opts, gen):  # decode_steps enters inference mode per step
+            tok = int(step.tokens[0])
+            score += float(step.logprob[0])
+            if tok == EOS_ID:
+                break
+            tokens.append(tok)
+            row = None if step.attention is None else step.attention[0].float().cpu().numpy()
+            if row is not None:
+                rows.append(row)
+            cands.append(self._candidates(step.topk_ids[0].cpu().numpy(), step.topk_probs[0].float().cpu().numpy()))
+            partial = Reply(self.tokenizer.decode(tokens), source_tokens, self._pieces(tokens),
+                            np.stack(rows) if rows else None, list(cands), score, [], cut)
+            yield StreamStep(partial.reply_tokens[-1], row, cands[-1], partial)

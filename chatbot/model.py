@@ -1,0 +1,198 @@
+"""RNN encoder-decoder with attention. The model returns logits; loss and softmax live outside.
+
+Shapes: B batch, S source length, T reply length, E embedding size, H hidden size, V vocab.
+
+Decoders, chosen by ``ModelConfig.attention``:
+
+* ``dot`` / ``general`` (Luong et al., 2015): the RNN runs first, attention is applied to
+  its output ``h_t``: ``c_t = Σ_s a_ts h̄_s``, ``h̃_t = tanh(W_c [c_t; h_t])``. Teacher-forced
+  training needs no Python loop over time: one RNN call over the whole reply, one batched
+  attention.
+* ``additive`` (Bahdanau et al., 2015): attention uses the previous state ``s_{t-1}`` and its
+  context is an RNN input, so it runs step by step.
+* ``none``: the original fixed-context seq2seq: the encoder's final state starts the decoder
+  and no attention is computed (a baseline that shows what attention buys).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .attention import build_attention
+from .config import PAD_ID, ModelConfig
+
+State = Tensor | tuple[Tensor, Tensor]  # GRU: h (L, B, H); LSTM: (h, c)
+
+
+@dataclass
+class Memory:
+    """What the decoder needs from the encoder, computed once per source."""
+
+    values: Tensor  # (B, S, H) encoder outputs
+    keys: Tensor  # (B, S, Hk) keys projected for the attention score
+    mask: Tensor  # (B, S) bool, True on real tokens
+    state: State  # decoder's initial state
+
+    def select(self, index: Tensor) -> "Memory":
+        """Reorder / repeat the batch (beam search)."""
+        return Memory(self.values.index_select(0, index), self.keys.index_select(0, index),
+                      self.mask.index_select(0, index), select_state(self.state, index))
+
+
+def select_state(state: State, index: Tensor) -> State:
+    if isinstance(state, tuple):
+        return tuple(s.index_select(1, index) for s in state)
+    return state.index_select(1, index)
+
+
+def _top_hidden(state: State) -> Tensor:
+    """The last layer's hidden state, (B, H)."""
+    h = state[0] if isinstance(state, tuple) else state
+    return h[-1]
+
+
+def _rnn(kind: str, *args, **kwargs) -> nn.RNNBase:
+    return (nn.GRU if kind == "gru" else nn.LSTM)(*args, batch_first=True, **kwargs)
+
+
+class Encoder(nn.Module):
+    """Embedding -> bidirectional RNN over packed sequences -> outputs (B, S, H)."""
+
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding
+        self.label_embedding = nn.Embedding(cfg.num_labels, cfg.emb_dim) if cfg.num_labels > 0 else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.rnn = _rnn(cfg.rnn, cfg.emb_dim, cfg.hidden_dim // 2, num_layers=cfg.enc_layers,
+                        bidirectional=True, dropout=cfg.dropout if cfg.enc_layers > 1 else 0.0)
+
+    def forward(self, src: Tensor, src_len: Tensor, label: Tensor | None = None) -> tuple[Tensor, State]:
+        x = self.embedding(src)  # (B, S, E)
+        if self.label_embedding is not None and label is not None:
+            x = x + self.label_embedding(label).unsqueeze(1)
+        x = self.dropout(x)
+        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        out, final = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, H)
+        return out, final
+
+
+class Bridge(nn.Module):
+    """Encoder final states (2·L_enc, B, H/2) -> decoder initial state (L_dec, B, H)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = cfg.dec_layers
+        self.hidden = cfg.hidden_dim
+        self.proj = nn.Linear(cfg.hidden_dim, cfg.dec_layers * cfg.hidden_dim)
+
+    def _one(self, h: Tensor) -> Tensor:
+        top = torch.cat([h[-2], h[-1]], dim=-1)  # last layer, forward and backward: (B, H)
+        s = torch.tanh(self.proj(top))  # (B, L·H)
+        return s.view(-1, self.layers, self.hidden).transpose(0, 1).contiguous()  # (L, B, H)
+
+    def forward(self, final: State) -> State:
+        if isinstance(final, tuple):
+            return tuple(self._one(f) for f in final)
+        return self._one(final)
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, E = cfg.hidden_dim, cfg.emb_dim
+        self.embedding = nn.Embedding(cfg.vocab_size, E, padding_idx=PAD_ID)
+        self.encoder = Encoder(cfg, self.embedding)
+        self.bridge = Bridge(cfg)
+        self.attention = build_attention(cfg.attention, H, H)
+        self.feeds_context = cfg.attention == "additive"
+        dec_in = E + H if self.feeds_context else E
+        self.decoder_rnn = _rnn(cfg.rnn, dec_in, H, num_layers=cfg.dec_layers,
+                                dropout=cfg.dropout if cfg.dec_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(cfg.dropout)
+        # Attentional hidden state h̃_t = tanh(W_c [c_t; h_t]), sized E so the output layer can be tied.
+        self.combine = nn.Linear(H if self.attention is None else 2 * H, E)
+        self.out = nn.Linear(E, cfg.vocab_size, bias=True)
+        if cfg.tie_embeddings:
+            self.out.weight = self.embedding.weight
+        self._init()
+
+    def _init(self) -> None:
+        nn.init.normal_(self.embedding.weight, std=self.cfg.emb_dim ** -0.5)
+        with torch.no_grad():
+            self.embedding.weight[PAD_ID].zero_()
+        nn.init.zeros_(self.out.bias)
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, src: Tensor, src_len: Tensor, label: Tensor | None = None) -> Memory:
+        """src (B, S) token ids, src_len (B,) -> Memory."""
+        values, final = self.encoder(src, src_len, label)
+        keys = self.attention.project_keys(values) if self.attention is not None else values
+        mask = src != PAD_ID  # (B, S)
+        return Memory(values, keys, mask, self.bridge(final))
+
+    # ------------------------------------------------------------------ decoder
+    def _output(self, h: Tensor, context: Tensor | None) -> Tensor:
+        """h (B, T, H) RNN outputs, context (B, T, H) or None -> logits (B, T, V)."""
+        x = h if context is None else torch.cat([context, h], dim=-1)
+        return self.out(self.dropout(torch.tanh(self.combine(x))))
+
+    def step(self, prev: Tensor, state: State, memory: Memory) -> tuple[Tensor, Tensor | None, State]:
+        """One decoder step. prev (B,) previous tokens -> logits (B, V), attention (B, S) or None, state."""
+        emb = self.dropout(self.embedding(prev)).unsqueeze(1)  # (B, 1, E)
+        if self.feeds_context:
+            query = _top_hidden(state).unsqueeze(1)  # s_{t-1}: (B, 1, H)
+            context, weights = self.attention(query, memory.keys, memory.values, memory.mask)
+            h, state = self.decoder_rnn(torch.cat([emb, context], dim=-1), state)  # (B, 1, H)
+        else:
+            h, state = self.decoder_rnn(emb, state)  # (B, 1, H)
+            context = weights = None
+            if self.attention is not None:
+                context, weights = self.attention(h, memory.keys, memory.values, memory.mask)
+        logits = self._output(h, context).squeeze(1)  # (B, V)
+        return logits, (weights.squeeze(1) if weights is not None else None), state
+
+    def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, label: Tensor | None = None,
+                teacher_forcing: float = 1.0) -> tuple[Tensor, Tensor | None]:
+        """Teacher-forced pass. tgt_in (B, T) starts with <s> -> logits (B, T, V), attention (B, T, S) or None.
+
+        ``teacher_forcing < 1`` is scheduled sampling: with that probability each step reads the
+        reference token, otherwise the model's own previous prediction (step loop).
+        """
+        memory = self.encode(src, src_len, label)
+        if self.feeds_context or teacher_forcing < 1.0:
+            return self._step_loop(tgt_in, memory, teacher_forcing)
+        emb = self.dropout(self.embedding(tgt_in))  # (B, T, E)
+        h, _ = self.decoder_rnn(emb, memory.state)  # (B, T, H): one call over the whole reply
+        context = weights = None
+        if self.attention is not None:
+            context, weights = self.attention(h, memory.keys, memory.values, memory.mask)
+        return self._output(h, context), weights
+
+    def _step_loop(self, tgt_in: Tensor, memory: Memory, teacher_forcing: float) -> tuple[Tensor, Tensor | None]:
+        state, prev = memory.state, tgt_in[:, 0]
+        logits_steps, weight_steps = [], []
+        for t in range(tgt_in.size(1)):
+            logits, weights, state = self.step(prev, state, memory)
+            logits_steps.append(logits)
+            if weights is not None:
+                weight_steps.append(weights)
+            if t + 1 < tgt_in.size(1):
+                prev = tgt_in[:, t + 1]
+                if teacher_forcing < 1.0:
+                    use_model = torch.rand(prev.shape, device=prev.device) >= teacher_forcing
+                    prev = torch.where(use_model & (prev != PAD_ID), logits.argmax(-1), prev)
+        weights = torch.stack(weight_steps, 1) if weight_steps else None
+        return torch.stack(logits_steps, 1), weights
+
+
+def build_model(cfg: ModelConfig) -> Seq2Seq:
+    return Seq2Seq(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
