@@ -197,9 +197,7 @@ def train(cfg: Config, *, resume: bool = False, command: str | None = None,
         f"autocast={amp}, threads={torch.get_num_threads()}")
 
     batches_per_epoch = len(batch_order(train_pairs, t_cfg.batch_size, t_cfg.seed, 0))
-    total_steps = t_cfg.epochs * batches_per_epoch
-    if t_cfg.max_steps:
-        total_steps = min(total_steps, t_cfg.max_steps)
+    total_steps = t_cfg.epochs * batches_per_epoch  # max_steps only stops early: same schedule either way
     optimizer = make_optimizer(model, t_cfg.lr, t_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t_cfg.warmup_steps, total_steps, t_cfg.min_lr_ratio))

@@ -1,0 +1,96 @@
+"""The command line, run as a user would: ``python -m chatbot ...`` in a subprocess."""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, stdin="", env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "chatbot", *args], input=stdin, capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_reply_writes_exactly_one_line_per_input_line(tiny_checkpoint):
+    lines = ["안녕", "", "   ", "헤어졌어 ㅠㅠ", "😀", "<b>굵게</b>", "x" * 3000]
+    p = run("reply", "--checkpoint", str(tiny_checkpoint), stdin="\n".join(lines) + "\n")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.split("\n")
+    assert out[-1] == "" and len(out[:-1]) == len(lines)
+
+
+def test_reply_json_and_beam(tiny_checkpoint):
+    p = run("reply", "--checkpoint", str(tiny_checkpoint), "--json", "--beam", "3", "--n-best", "2",
+            stdin="오늘 날씨 좋다\n고백할까\n")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert len(r["attention"]) == len(r["reply_tokens"])
+        assert all(len(row) == len(r["source_tokens"]) and abs(sum(row) - 1) < 1e-3 for row in r["attention"])
+        assert len(r["n_best"]) == 2
+
+
+def test_evaluate_prints_model_and_baseline_figures(tiny_checkpoint, tiny_corpus_csv):
+    p = run("evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_corpus_csv), "--markdown")
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    keys = {"bleu", "chrf", "distinct_1", "distinct_2", "unique_reply_rate", "exact_match"}
+    assert keys | {"perplexity"} <= set(result["model"]) and keys <= set(result["retrieval_baseline"])
+    assert result["split"] == "test" and result["pairs"] > 0
+    assert 1 < result["model"]["perplexity"] < 400
+    assert "| chrf |" in p.stderr
+
+
+def test_corrupt_checkpoint_exits_non_zero_without_a_traceback(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    (bad / "model.safetensors").write_bytes(b"not weights")
+    p = run("reply", "--checkpoint", str(bad), stdin="안녕\n")
+    assert p.returncode != 0
+    assert "model.safetensors" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_corpus_names_the_download_command(tmp_path):
+    p = run("train", "--config", "configs/tiny.yaml", "--data", str(tmp_path / "none.csv"),
+            "--out", str(tmp_path / "run"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "python -m chatbot download" in p.stderr
+
+
+def test_train_command_with_overrides(tiny_corpus_csv, tmp_path):
+    p = run("train", "--config", "configs/tiny.yaml", "--data", str(tiny_corpus_csv), "--out", str(tmp_path / "r"),
+            "--train.epochs", "1", "--model.attention=additive")
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads((tmp_path / "r" / "best" / "config.json").read_text())["config"]
+    assert cfg["model"]["attention"] == "additive" and cfg["train"]["epochs"] == 1
+
+
+@pytest.fixture
+def corpus_server(tiny_corpus_csv):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_corpus_csv.parent))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_command_against_a_local_server(corpus_server, tiny_corpus_csv, tmp_path):
+    env = {"no_proxy": "*", "NO_PROXY": "*", "http_proxy": "", "HTTP_PROXY": ""}
+    out = tmp_path / "data" / "ChatbotData.csv"
+    p = run("download", "--url", f"{corpus_server}/{tiny_corpus_csv.name}", "--out", str(out), env=env)
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == tiny_corpus_csv.read_bytes()
+    p = run("download", "--url", f"{corpus_server}/missing.csv", "--out", str(out), env=env)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert out.read_bytes() == tiny_corpus_csv.read_bytes()  # the good copy is kept

@@ -1,0 +1,80 @@
+"""Training end to end on the tiny corpus: checkpoints, metrics, exact resume, failure handling."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatbot.checkpoint import load_checkpoint, read_metrics
+from chatbot.config import load_config
+from chatbot.train import TrainingError, train
+from conftest import ROOT, train_tiny
+
+
+def test_training_writes_a_complete_small_checkpoint(tiny_checkpoint):
+    files = {p.name for p in tiny_checkpoint.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.model", "metrics.jsonl", "README.md",
+            "manifest.json"} <= files
+    assert all(p.stat().st_size < 10_000_000 for p in tiny_checkpoint.iterdir())
+    rows = read_metrics(tiny_checkpoint)
+    epochs = [r for r in rows if "val_loss" in r]
+    assert len(epochs) >= 2
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]  # it learns
+    assert all("samples" in r and "tokens_per_s" in r for r in epochs)
+    ck = load_checkpoint(tiny_checkpoint)
+    assert ck.config.model.vocab_size == ck.tokenizer.vocab_size
+    assert ck.meta["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in epochs))
+    # the best checkpoint stores fp16 weights; training state is in last/ only
+    assert all(t.dtype == torch.float16 for t in load_file(tiny_checkpoint / "model.safetensors").values())
+    assert (tiny_checkpoint.parent / "last" / "train_state.pt").exists()
+
+
+def test_resume_is_exact(tiny_corpus_csv, tmp_path):
+    """2N steps straight == N steps, then --resume, then N more (parameters equal)."""
+    common = {"train.epochs": "3", "model.dropout": "0.3", "train.patience": "10"}
+    straight = train_tiny(tiny_corpus_csv, tmp_path / "a", **common, **{"train.max_steps": "14"})
+    train_tiny(tiny_corpus_csv, tmp_path / "b", **common, **{"train.max_steps": "7"})
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv),
+                                                       "train.out_dir": str(tmp_path / "b"),
+                                                       **common, "train.max_steps": "14"})
+    train(cfg, resume=True, log=lambda s: None)
+    a = load_file(tmp_path / "a" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    state = torch.load(tmp_path / "b" / "last" / "train_state.pt", weights_only=True)
+    assert json.loads(state["progress"])["step"] == 14
+
+
+def test_resume_without_state_is_a_clear_error(tiny_corpus_csv, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv),
+                                                       "train.out_dir": str(tmp_path)})
+    with pytest.raises(TrainingError, match="no resumable state"):
+        train(cfg, resume=True, log=lambda s: None)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_corpus_csv, tmp_path):
+    train_tiny(tiny_corpus_csv, tmp_path, **{"train.epochs": "1"})
+    before = (tmp_path / "last" / "manifest.json").read_text()
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv), "train.out_dir": str(tmp_path),
+                                                       "train.epochs": "3", "train.lr": "1e30", "train.warmup_steps": "1",
+                                                       "train.grad_clip": "1e30"})
+    with pytest.raises(TrainingError, match=r"at step \d+"):
+        train(cfg, log=lambda s: None)
+    assert (tmp_path / "last" / "manifest.json").read_text() == before
+    load_checkpoint(tmp_path / "last")  # still loads and verifies
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(ROOT / "configs" / "tiny.yaml", {"train.epoch": "3"})
+    with pytest.raises(ValueError, match="attention"):
+        load_config(ROOT / "configs" / "tiny.yaml", {"model.attention": "luong"})
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    load_config(ROOT / "configs" / recipe)
