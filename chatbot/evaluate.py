@@ -59,6 +59,21 @@ def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[s
     }
 
 
+LENGTH_BUCKETS = ((1, 3), (4, 6), (7, 9), (10, 10_000))  # question length in source pieces
+
+
+def chrf_by_length(lengths: Sequence[int], hypotheses: Sequence[str], references: Sequence[str],
+                   buckets: Sequence[tuple[int, int]] = LENGTH_BUCKETS) -> list[dict[str, Any]]:
+    """chrF of the replies to questions of each length bucket (the textbook case for attention)."""
+    rows = []
+    for lo, hi in buckets:
+        idx = [i for i, n in enumerate(lengths) if lo <= n <= hi]
+        label = f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"
+        chrf = sacrebleu.corpus_chrf([hypotheses[i] for i in idx], [[references[i] for i in idx]]).score if idx else None
+        rows.append({"bucket": label, "pairs": len(idx), "chrf": None if chrf is None else round(chrf, 3)})
+    return rows
+
+
 def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
              batch_size: int = 64, **decoding: Any) -> dict[str, Any]:
     """Evaluate ``bot`` on ``split`` of the corpus at ``data_path`` (the split the bot was trained with)."""
@@ -87,12 +102,15 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     base_fig = text_metrics(base_replies, answers)
     ref_fig = {k: v for k, v in text_metrics(answers, answers).items()
                if k in ("distinct_1", "distinct_2", "unique_reply_rate")}
+    lengths = [len(bot.tokenizer.encode(q)[: cfg.max_source_len]) for q in questions]
     return {
-        "checkpoint": str(bot.path), "data": str(data_path), "split": split, "pairs": len(questions),
+        "checkpoint": str(bot.path), "attention": bot.config.model.attention, "data": str(data_path), "split": split, "pairs": len(questions),
         "decoding": decoding or {"strategy": "greedy"}, "decode_seconds": round(seconds, 2),
         "model": {k: round(v, 4) for k, v in model_fig.items()},
         "retrieval_baseline": {k: round(v, 4) for k, v in base_fig.items()},
         "references": {k: round(v, 4) for k, v in ref_fig.items()},
+        "chrf_by_source_length": {"model": chrf_by_length(lengths, replies, answers),
+                                  "retrieval_baseline": chrf_by_length(lengths, base_replies, answers)},
         "examples": [{"q": q, "reference": a, "model": r, "retrieval": b}
                      for q, a, r, b in list(zip(questions, answers, replies, base_replies))[:10]],
     }
@@ -107,3 +125,32 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {k} | {cell(result['model'])} | {cell(result['retrieval_baseline'])} | "
                      f"{cell(result['references'])} |")
     return "\n".join(lines)
+
+
+def plot_chrf_by_length(results: Sequence[dict[str, Any]], path: str) -> None:
+    """Bar chart of chrF per question-length bucket, one bar group per evaluated model (+ retrieval)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+
+    if any("Nanum" in f.name for f in font_manager.fontManager.ttflist):
+        plt.rcParams["font.family"] = "NanumGothic"  # Hangul labels need a Korean font
+    series = [(f"{r['attention']} ({r['checkpoint'].rstrip('/').split('/')[-1]})", r["chrf_by_source_length"]["model"])
+              for r in results]
+    series.append(("retrieval (TF-IDF)", results[0]["chrf_by_source_length"]["retrieval_baseline"]))
+    buckets = [row["bucket"] for row in series[0][1]]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for i, (name, rows) in enumerate(series):
+        xs = [j + i * width for j in range(len(buckets))]
+        ax.bar(xs, [row["chrf"] or 0 for row in rows], width, label=name)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(buckets))])
+    ax.set_xticklabels([f"{b}\n(n={row['pairs']})" for b, row in zip(buckets, series[0][1])])
+    ax.set_xlabel("질문 길이 (source pieces) / question length")
+    ax.set_ylabel("chrF")
+    ax.set_title("질문 길이별 chrF: attention vs. 고정 context vector")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
