@@ -1,4 +1,4 @@
-"""Command line: ``python -m chatbot {download,train,reply,evaluate} ...`` (``--help`` on each)."""
+"""Command line: ``python -m chatbot {download,train,reply,evaluate,bench} ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ HELP = """Korean attention seq2seq chatbot.
   python -m chatbot train --config configs/default.yaml
   python -m chatbot reply                          one reply per stdin line (shipped model)
   python -m chatbot evaluate --data data/ChatbotData.csv
+  python -m chatbot bench --quick                  speed beside the naive tutorial seq2seq (docs/performance.md)
 """
 
 
@@ -90,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table to stderr")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _decoding_args(p)
+
+    p = sub.add_parser("bench", help="training and reply speed beside the naive tutorial implementation",
+                       description="Measure training tokens/s (ours and the naive tutorial seq2seq), MFU, reply "
+                                   "latency and app start-up in one run; the last line printed is a JSON object.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="fewer repetitions (finishes within 5 minutes)")
+    g.add_argument("--smoke", action="store_true", help="tiny model, one repetition each (tests)")
+    p.add_argument("--json", default=None, help="also write the JSON result to this file")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint to time (default: the shipped one if present, else a fresh model)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return parser
 
 
@@ -134,6 +147,18 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(best)
+        return 0
+
+    if args.command == "bench":
+        from pathlib import Path
+
+        from .bench import run_bench, table
+        result = run_bench("smoke" if args.smoke else "quick" if args.quick else "full", args.checkpoint,
+                           args.threads, args.device)
+        print(table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+        print(json.dumps(result, ensure_ascii=False))
         return 0
 
     from .inference import ChatBot

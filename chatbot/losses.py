@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .batching import EncodedPairs, batch_order, collate
@@ -9,26 +10,41 @@ from .config import PAD_ID
 from .model import Seq2Seq
 
 
-def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over non-pad target positions. logits (B, T, V), target (B, T)."""
+def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over non-pad target positions: their mean (or ``reduction="sum"``).
+
+    logits (B, T, V) with target (B, T), or logits (N, V) with target (N,) (positions already picked).
+    """
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
-                           ignore_index=PAD_ID, label_smoothing=label_smoothing)
+                           ignore_index=PAD_ID, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @torch.inference_mode()
 def corpus_cross_entropy(model: Seq2Seq, pairs: EncodedPairs, device: torch.device | str,
                          batch_size: int = 128, amp: torch.dtype | None = None) -> float:
-    """Mean per-token cross-entropy (no label smoothing) of the reference answers; exp() = perplexity."""
+    """Mean per-token cross-entropy (no label smoothing) of the reference answers; exp() = perplexity.
+
+    Under torch.distributed each rank scores every world_size-th batch and the sums are
+    all-reduced, so every rank returns the same value (the same early-stopping decision).
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
-    for idx in batch_order(pairs, batch_size, seed=0, epoch=0, shuffle=False):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
+    for idx in batch_order(pairs, batch_size, seed=0, epoch=0, shuffle=False)[rank::world]:
         b = collate(pairs, idx).to(device)
+        positions = b.tgt_out != PAD_ID
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits, _ = model(b.src, b.src_len, b.tgt_in, b.label)
-        n = b.num_target_tokens
-        total += float(sequence_loss(logits, b.tgt_out)) * n
-        tokens += n
+            logits, _ = model(b.src, b.src_len, b.tgt_in, b.label, positions=positions)
+        sums[0] += sequence_loss(logits, b.tgt_out[positions], reduction="sum").double()
+        sums[1] += positions.sum()
+    if world > 1:
+        dist.all_reduce(sums)
     model.train(was_training)
-    return total / max(1, tokens)
+    return float(sums[0] / sums[1].clamp(min=1))

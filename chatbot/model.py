@@ -136,9 +136,14 @@ class Seq2Seq(nn.Module):
         return Memory(values, keys, mask, self.bridge(final))
 
     # ------------------------------------------------------------------ decoder
-    def _output(self, h: Tensor, context: Tensor | None) -> Tensor:
-        """h (B, T, H) RNN outputs, context (B, T, H) or None -> logits (B, T, V)."""
+    def _output(self, h: Tensor, context: Tensor | None, positions: Tensor | None = None) -> Tensor:
+        """h (B, T, H) RNN outputs, context (B, T, H) or None -> logits (B, T, V).
+
+        ``positions`` (B, T) bool: only those positions go through the output layer -> logits (N, V).
+        """
         x = h if context is None else torch.cat([context, h], dim=-1)
+        if positions is not None:
+            x = x[positions]  # (N, 2H): the vocabulary projection is most of the FLOPs; skip padding
         return self.out(self.dropout(torch.tanh(self.combine(x))))
 
     def step(self, prev: Tensor, state: State, memory: Memory) -> tuple[Tensor, Tensor | None, State]:
@@ -157,21 +162,24 @@ class Seq2Seq(nn.Module):
         return logits, (weights.squeeze(1) if weights is not None else None), state
 
     def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, label: Tensor | None = None,
-                teacher_forcing: float = 1.0) -> tuple[Tensor, Tensor | None]:
+                teacher_forcing: float = 1.0, positions: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced pass. tgt_in (B, T) starts with <s> -> logits (B, T, V), attention (B, T, S) or None.
 
         ``teacher_forcing < 1`` is scheduled sampling: with that probability each step reads the
         reference token, otherwise the model's own previous prediction (step loop).
+        ``positions`` (B, T) bool, e.g. ``tgt_out != PAD_ID``: return only those positions'
+        logits, (N, V) in row-major order (training: no output layer or loss on padding).
         """
         memory = self.encode(src, src_len, label)
         if self.feeds_context or teacher_forcing < 1.0:
-            return self._step_loop(tgt_in, memory, teacher_forcing)
+            logits, weights = self._step_loop(tgt_in, memory, teacher_forcing)
+            return (logits if positions is None else logits[positions]), weights
         emb = self.dropout(self.embedding(tgt_in))  # (B, T, E)
         h, _ = self.decoder_rnn(emb, memory.state)  # (B, T, H): one call over the whole reply
         context = weights = None
         if self.attention is not None:
             context, weights = self.attention(h, memory.keys, memory.values, memory.mask)
-        return self._output(h, context), weights
+        return self._output(h, context, positions), weights
 
     def _step_loop(self, tgt_in: Tensor, memory: Memory, teacher_forcing: float) -> tuple[Tensor, Tensor | None]:
         state, prev = memory.state, tgt_in[:, 0]
