@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_args(p)
 
     p = sub.add_parser("evaluate", help="metrics on a split, beside a TF-IDF retrieval baseline")
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped one)")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="checkpoint folder (default: the shipped one); repeat to evaluate several")
+    p.add_argument("--plot", default=None, help="write a PNG of chrF by question length for every checkpoint")
     p.add_argument("--data", default=None, help="corpus CSV (default: $CHATBOT_DATA or data/ChatbotData.csv)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
@@ -162,9 +164,24 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         return 0
 
     from .inference import ChatBot
-    bot = ChatBot.from_checkpoint(args.checkpoint, device=args.device)
     decoding = _decoding(args)
 
+    if args.command == "evaluate":
+        from .config import default_data_path
+        from .evaluate import evaluate, markdown_table, plot_chrf_by_length
+        results = []
+        for path in args.checkpoint or [None]:
+            bot = ChatBot.from_checkpoint(path, device=args.device)
+            result = evaluate(bot, args.data or default_data_path(), args.split, args.limit, **decoding)
+            if args.markdown:
+                print(f"{result['checkpoint']}:\n{markdown_table(result)}", file=sys.stderr)
+            results.append(result)
+        if args.plot:
+            plot_chrf_by_length(results, args.plot)
+        print(json.dumps(results[0] if len(results) == 1 else results, ensure_ascii=False, indent=2))
+        return 0
+
+    bot = ChatBot.from_checkpoint(args.checkpoint, device=args.device)
     if args.command == "reply":
         for line in sys.stdin:
             r = bot.reply(line.rstrip("\n"), **decoding)
@@ -172,14 +189,5 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
                 print(json.dumps(r.to_dict(), ensure_ascii=False), flush=True)
             else:
                 print(r.text.replace("\n", " "), flush=True)
-        return 0
-
-    if args.command == "evaluate":
-        from .config import default_data_path
-        from .evaluate import evaluate, markdown_table
-        result = evaluate(bot, args.data or default_data_path(), args.split, args.limit, **decoding)
-        if args.markdown:
-            print(markdown_table(result), file=sys.stderr)
-        print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
     return 2

@@ -59,7 +59,7 @@ def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[s
     }
 
 
-LENGTH_BUCKETS = ((1, 3), (4, 6), (7, 9), (10, 10_000))  # question length in source pieces
+LENGTH_BUCKETS = ((1, 3), (4, 5), (6, 7), (8, 9), (10, 10_000))  # question length in source pieces
 
 
 def chrf_by_length(lengths: Sequence[int], hypotheses: Sequence[str], references: Sequence[str],
