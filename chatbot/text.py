@@ -263,7 +263,7 @@ class Tokenizer:
     def display_pieces(self, ids: Sequence[int]) -> list[str]:
         """One readable label per id, for attention-heatmap axes.
 
-        The "▁" word marker is dropped ("▁학교" -> "학교"), a lone "▁" shows as "␣",
+        The "▁" word marker is dropped ("▁학교" -> "학교"), a lone "▁" shows as "·",
         special ids show as ``<pad>``, ``<unk>``, ``<s>``, ``</s>``.
         """
         labels = []
@@ -272,7 +272,7 @@ class Tokenizer:
             if 0 <= i < len(SPECIAL_PIECES):
                 labels.append(SPECIAL_PIECES[i])
             elif 0 <= i < self.vocab_size:
-                labels.append(self._sp.id_to_piece(i).replace(_SPACE, "") or "␣")
+                labels.append(self._sp.id_to_piece(i).replace(_SPACE, "") or "·")
             else:
                 labels.append(SPECIAL_PIECES[UNK_ID])
         return labels

@@ -159,7 +159,7 @@ def test_morpheme_pieces_follow_morphemes(morph_tok, tok):
     assert len(labels) == len(ids)
     assert "▁" not in "".join(labels)
     # A morpheme boundary costs no token: it is only a piece boundary.
-    assert "".join(labels).replace("␣", "") == "친구랑싸웠어"
+    assert "".join(labels).replace("·", "") == "친구랑싸웠어"
     assert morph_tok.morphemes and not tok.morphemes
 
 

@@ -1,0 +1,119 @@
+"""The real app, launched on a free port with the tiny checkpoint, driven through gradio_client."""
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # app.py lives at the repository root
+
+import app  # noqa: E402
+
+MSG = "헤어진 지 한 달 됐어"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    """(url, bot): the demo built and launched the way app.py does, closed in teardown."""
+    from chatbot.demo import build_demo, launch
+
+    bots = app.load_bots([tiny_checkpoint], device="cpu")
+    demo = build_demo(bots)
+    _, url, _ = launch(demo, checkpoint_dirs=[tiny_checkpoint], server_port=free_port(),
+                       prevent_thread_lock=True, quiet=True)
+    yield url, next(iter(bots.values()))
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served[0], verbose=False)
+
+
+def test_reply_endpoint_returns_attention_rows_that_sum_to_one(client, served):
+    out = client.predict(MSG, api_name="/reply")
+    assert isinstance(out, dict) and out["reply"] and out["generated"]
+    att = np.array(out["attention"])
+    assert att.shape == (len(out["reply_tokens"]), len(out["source_tokens"]))
+    np.testing.assert_allclose(att.sum(axis=1), 1.0, atol=1e-3)
+    assert out["source_tokens"] == served[1].reply(MSG).source_tokens
+
+
+def test_reply_endpoint_takes_decoding_controls_by_name(client):
+    out = client.predict(MSG, strategy="beam", beam_size=3, api_name="/reply")
+    assert len(out["n_best"]) == 3 and out["reply"] == out["n_best"][0]["reply"]
+
+
+def test_empty_message_gets_a_prompt(client):
+    out = client.predict("   ", api_name="/reply")
+    assert out["generated"] is False and out["attention"] == [] and "입력" in out["reply"]
+    history, _ = client.predict("", api_name="/chat")
+    assert "입력" in history[-1]["content"][0]["text"]
+
+
+def test_very_long_message_returns_quickly_and_says_it_was_cut(client):
+    start = time.perf_counter()
+    out = client.predict("가나다라 " * 2_000, api_name="/reply")
+    assert time.perf_counter() - start < 10
+    assert out["truncated"] and out["note"]
+
+
+def test_streaming_chat_endpoint_through_the_client(client, served):
+    job = client.submit(MSG, api_name="/chat")
+    updates = list(job)
+    history, plot = job.result()
+    assert len(updates) >= 2  # the placeholder, then pieces
+    assert history[0]["content"][0]["text"] == MSG
+    assert history[-1]["content"][0]["text"] == served[1].reply(MSG).text
+    assert plot["type"] == "plotly"
+
+
+def test_checkpoint_files_are_not_served(served, tiny_checkpoint):
+    url = served[0].rstrip("/")
+    for name in ("model.safetensors", "config.json", "tokenizer.model"):
+        r = httpx.get(f"{url}/gradio_api/file={tiny_checkpoint / name}")
+        assert r.status_code in (403, 404), (name, r.status_code)
+    r = httpx.get(f"{url}/gradio_api/file={ROOT / 'data' / 'README.md'}")
+    assert r.status_code in (403, 404)
+
+
+def test_only_the_documented_endpoints_are_public(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert names == {"/chat", "/reply", "/compare"}
+
+
+def test_checkpoint_arguments(tmp_path):
+    assert app.parse_args(["--checkpoint", "a,b", "--checkpoint", "c"]).checkpoint == [Path("a"), Path("b"), Path("c")]
+    for name in ("zeta", "default", "alpha", "empty"):
+        (tmp_path / name).mkdir()
+        if name != "empty":
+            (tmp_path / name / "model.safetensors").write_bytes(b"")
+    assert [p.name for p in app.default_checkpoints(tmp_path)] == ["default", "alpha", "zeta"]
+
+
+def test_bind_address_follows_the_environment(monkeypatch):
+    from chatbot import demo
+
+    for var in ("GRADIO_SERVER_NAME", "SPACE_ID", "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert (demo.server_name(), demo.server_port()) == ("127.0.0.1", 7860)
+    monkeypatch.setenv("SPACE_ID", "someone/chatbot")
+    assert demo.server_name() == "0.0.0.0"
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "10.0.0.5")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "9000")
+    assert (demo.server_name(), demo.server_port()) == ("10.0.0.5", 9000)
+    assert demo.concurrency() * demo.TORCH_THREADS <= (__import__("os").cpu_count() or 1)

@@ -1,0 +1,161 @@
+"""The demo's callbacks as plain functions: no server, no browser."""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pytest
+
+from chatbot import ui
+from chatbot.inference import EMPTY_PROMPT, Candidate, Reply
+from chatbot.search import DecodeOptions
+
+MSG = "오늘 너무 힘들었어"
+
+
+def ticks(fig, axis: str = "x") -> list[str]:
+    """Tick labels as the browser shows them (plotly turns entities back into characters)."""
+    return [html.unescape(t) for t in getattr(fig.layout, f"{axis}axis").ticktext]
+
+
+class NoModel:
+    """A bot that fails the test if the model is run."""
+
+    def stream(self, *a, **k):
+        raise AssertionError("the model must not run")
+
+    reply = stream
+
+
+def test_stream_yields_a_heatmap_that_grows_one_row_per_piece(tiny_bot):
+    full = tiny_bot.reply(MSG)
+    outs = list(ui.chat_stream(tiny_bot, MSG, [], []))
+    streamed = outs[1:-1]  # first: the "thinking" placeholder; last: the finished turn
+    assert len(streamed) == len(full.reply_tokens)
+    for n, (history, fig, turns) in enumerate(streamed, 1):
+        heat = fig.data[0]
+        assert heat.type == "heatmap" and len(heat.z) == n == len(heat.y)
+        assert ticks(fig, "y") == full.reply_tokens[:n]
+        assert ticks(fig) == full.source_tokens and list(heat.x) == list(range(len(full.source_tokens)))
+        assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+        np.testing.assert_allclose(np.sum(heat.z, axis=1), 1.0, atol=1e-3)
+        assert history[-2] == {"role": "user", "content": MSG} and history[-1]["role"] == "assistant"
+        assert turns == []  # a turn is recorded once finished
+    history, fig, turns = outs[-1]
+    assert history[-1]["content"] == full.text
+    assert len(turns) == 1 and turns[0].message == MSG and turns[0].reply.text == full.text
+    assert "NanumGothic" in fig.layout.font.family
+    # hover names both pieces and the weight
+    assert fig.data[0].customdata[0][0] == [full.source_tokens[0], full.reply_tokens[0]]
+    assert "%{z" in fig.data[0].hovertemplate
+
+
+def test_repeated_source_pieces_keep_their_own_columns():
+    src, rep = ["ㅋ", "ㅋ", "ㅋ"], ["네"]
+    fig = ui.attention_figure(src, rep, np.array([[0.2, 0.3, 0.5]]))
+    assert list(fig.data[0].x) == [0, 1, 2] and ticks(fig) == src
+
+
+@pytest.mark.parametrize("message", ["", "   \n", None, [{"type": "text", "text": "  "}]])
+def test_empty_message_yields_a_prompt_without_a_model_call(message):
+    outs = list(ui.chat_stream(NoModel(), message, [{"role": "user", "content": [{"type": "text", "text": "안녕"}]}], []))
+    assert len(outs) == 1
+    history, _, turns = outs[0]
+    assert history == [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": EMPTY_PROMPT}]
+    assert turns == []
+
+
+def test_message_with_no_pieces_gets_the_prompt_and_no_turn(tiny_bot):
+    history, _, turns = list(ui.chat_stream(tiny_bot, "\u200b\u200b", [], []))[-1]
+    assert history[-1]["content"] == EMPTY_PROMPT and turns == []
+
+
+def test_long_message_is_cut_with_a_note_and_html_is_escaped(tiny_bot):
+    history, _, turns = list(ui.chat_stream(tiny_bot, "<b>안녕</b>" + "가" * 10_000, [], []))[-1]
+    assert history[0]["content"].startswith("&lt;b&gt;안녕&lt;/b&gt;")
+    assert len(turns[0].message) == ui.MAX_INPUT_CHARS
+    assert history[-1]["content"].endswith(ui.TRUNCATED_NOTE)
+    out = ui.reply_json(tiny_bot, "가" * 10_000)
+    assert out["truncated"] and out["note"] == ui.TRUNCATED_NOTE
+
+
+def test_history_parts_are_flattened():
+    hist = ui.normalize_history([{"role": "user", "content": [{"type": "text", "text": "오늘 "}, {"text": "좋다"}]},
+                                 {"role": "assistant", "content": "응"}])
+    assert hist == [{"role": "user", "content": "오늘 좋다"}, {"role": "assistant", "content": "응"}]
+
+
+def test_decoding_controls_map_to_decode_options():
+    kw = ui.decoding_kwargs("beam", 4.0, 0.7, 10.0, 0.9, 30.0, 2.0, 0.6, 1.2)
+    opts = DecodeOptions(**kw)
+    assert (opts.strategy, opts.beam_size, opts.n_best, opts.top_k, opts.max_len, opts.no_repeat_ngram) == (
+        "beam", 4, 4, 10, 30, 2)
+    assert DecodeOptions(**ui.decoding_kwargs("nonsense")).strategy == "greedy"
+
+
+def test_step_inspector_shows_candidates_beside_the_attention_row(tiny_bot):
+    reply = tiny_bot.reply(MSG)
+    fig = ui.step_figure(reply, 2)
+    cands, row = fig.data
+    assert list(cands.y) == [round(c.prob, 4) for c in reply.candidates[1]]
+    assert ticks(fig, "x") == [c.piece for c in reply.candidates[1]]
+    assert [html.unescape(t) for t in fig.layout.xaxis2.ticktext] == reply.source_tokens
+    np.testing.assert_allclose(row.y, reply.attention[1], atol=1e-4)
+    assert ui.step_figure(reply, 999).data[1].y == ui.step_figure(reply, len(reply.reply_tokens)).data[1].y
+
+
+def test_beam_nbest_table_and_each_hypothesis_has_its_heatmap(tiny_bot):
+    kw = ui.decoding_kwargs("beam", 3)
+    *_, (history, fig, turns) = ui.chat_stream(tiny_bot, MSG, [], [], **kw)
+    view = ui.turn_view(turns)
+    assert [r[0] for r in view.nbest] == [1, 2, 3]
+    scores = [r[2] for r in view.nbest]
+    assert scores == sorted(scores, reverse=True)
+    hyp = turns[0].reply.n_best[2]
+    second = ui.turn_view(turns, 0, hypothesis=2)
+    assert len(second.heatmap.data[0].z) == len(hyp.reply_tokens) == second.steps
+    assert ui.hypothesis_reply(turns, 0, 2) is hyp
+
+
+def test_turn_history_brings_back_an_earlier_heatmap(tiny_bot):
+    turns: list = []
+    for msg in ["안녕", MSG]:
+        *_, (_, _, turns) = ui.chat_stream(tiny_bot, msg, [], turns)
+    assert [label for label, _ in ui.turn_choices(turns)] == ["1. 안녕", f"2. {MSG}"]
+    first = ui.turn_view(turns, 0)
+    assert ticks(first.heatmap) == turns[0].reply.source_tokens
+    assert ticks(ui.turn_view(turns).heatmap) == turns[1].reply.source_tokens  # default: the last turn
+
+
+def test_no_attention_model_gets_a_note_not_a_heatmap():
+    reply = Reply("네", ["안녕"], ["네"], None, [[Candidate("네", 0.9)]])
+    fig = ui.reply_figure(reply)
+    assert not fig.data and fig.layout.annotations[0].text == ui.NO_ATTENTION_NOTE
+    assert len(ui.step_figure(reply, 1).data) == 1  # candidates only
+    assert ui.NO_ATTENTION_NOTE in ui.turn_view([ui.Turn("안녕", reply)]).status
+
+
+def test_compare_answers_with_every_bot(tiny_bot):
+    out = ui.compare({"a": tiny_bot, "b": tiny_bot}, MSG)
+    full = tiny_bot.reply(MSG)
+    assert [text for text, _ in out] == [full.text, full.text]
+    assert all(ticks(fig) == full.source_tokens for _, fig in out)
+    assert [text for text, _ in ui.compare({"a": NoModel()}, "  ")] == [EMPTY_PROMPT]
+
+
+def test_about_tab_card_and_training_curves(tiny_bot):
+    assert ui.model_card(tiny_bot).startswith("# ")
+    names = [t.name for t in ui.training_figure(tiny_bot.path).data]
+    assert names == ["train loss (step)", "train loss (epoch)", "val loss", "val ppl"]
+    assert ui.training_figure(None).layout.annotations
+    assert "c_t = \\sum_s" in ui.ATTENTION_EXPLAINED and "\\tanh" in ui.ATTENTION_EXPLAINED
+
+
+def test_ui_does_not_import_gradio():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(ui))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "gradio" not in imported
