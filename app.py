@@ -44,8 +44,13 @@ def load_bots(paths: list[Path], device: str = "auto"):
 def main(argv: list[str] | None = None) -> None:
     from chatbot.demo import build_demo, launch
 
+    from chatbot.checkpoint import CheckpointError
+
     args = parse_args(argv)
-    bots = load_bots(args.checkpoint, args.device)
+    try:  # refuse to start, with one clear line, rather than fail at the first message
+        bots = load_bots(args.checkpoint, args.device)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     launch(build_demo(bots), checkpoint_dirs=[b.path for b in bots.values() if b.path])
 
 

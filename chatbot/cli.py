@@ -1,4 +1,4 @@
-"""Command line: ``python -m chatbot {download,train,reply,evaluate,bench} ...`` (``--help`` on each)."""
+"""Command line: ``python -m chatbot {download,train,reply,evaluate,bench,loadtest} ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ HELP = """Korean attention seq2seq chatbot.
   python -m chatbot reply                          one reply per stdin line (shipped model)
   python -m chatbot evaluate --data data/ChatbotData.csv
   python -m chatbot bench --quick                  speed beside the naive tutorial seq2seq (docs/performance.md)
+  python -m chatbot loadtest                       1 / 4 / 16 concurrent API users on 127.0.0.1 (docs/reliability.md)
 """
 
 
@@ -105,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to time (default: the shipped one if present, else a fresh model)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    p = sub.add_parser("loadtest", help="concurrent /reply users against the demo served on 127.0.0.1",
+                       description="Serve the demo on a free loopback port, then send --requests messages from "
+                                   "each of N concurrent gradio_client users for every N in --clients; prints "
+                                   "p50/p95 latency and errors. The last line printed is a JSON object.")
+    p.add_argument("--checkpoint", action="append", default=None, help="checkpoint folder (default: the shipped one)")
+    p.add_argument("--clients", default="1,4,16", help="comma list of concurrent users (default 1,4,16)")
+    p.add_argument("--requests", type=int, default=5, help="requests per user (default 5)")
+    p.add_argument("--queue-size", type=int, default=None, help="queue max_size (default: the demo's)")
+    p.add_argument("--concurrency", type=int, default=None, help="concurrency limit (default: the demo's)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take (default 60)")
+    p.add_argument("--json", default=None, help="also write the JSON result to this file")
     return parser
 
 
@@ -148,6 +161,16 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         except TrainingError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            from pathlib import Path
+
+            from .train import TRAIN_STATE
+            last = Path(cfg.train.out_dir) / "last"
+            again = argv if "--resume" in argv else [*argv, "--resume"]
+            hint = (f"; continue with: python -m chatbot {shlex.join(again)}" if (last / TRAIN_STATE).exists()
+                    else " before the first checkpoint; nothing to resume")
+            print(f"interrupted{hint}", file=sys.stderr)
+            return 130
         print(best)
         return 0
 
@@ -158,6 +181,21 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         result = run_bench("smoke" if args.smoke else "quick" if args.quick else "full", args.checkpoint,
                            args.threads, args.device)
         print(table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+
+    if args.command == "loadtest":
+        from pathlib import Path
+
+        from .loadtest import main as loadtest
+        counts = [int(n) for n in args.clients.split(",") if n.strip()]
+        if not counts or min(counts) < 1 or args.requests < 1:
+            raise ValueError("--clients needs positive counts (e.g. 1,4,16) and --requests at least 1")
+        result = loadtest(args.checkpoint or [], counts, args.requests, queue_size=args.queue_size,
+                          concurrency_limit=args.concurrency, timeout=args.timeout)
+        print(result.pop("table"))
         if args.json:
             Path(args.json).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
         print(json.dumps(result, ensure_ascii=False))

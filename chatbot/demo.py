@@ -45,7 +45,7 @@ def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
     def pick(name: str | None) -> ChatBot:
         return bots.get(name or "", bots[names[0]])
 
-    with gr.Blocks(title="한국어 어텐션 챗봇") as demo:
+    with gr.Blocks(title="한국어 어텐션 챗봇", analytics_enabled=False) as demo:  # no telemetry calls home
         turns = gr.State([])  # per-session list[ui.Turn]
         hypothesis = gr.State(0)  # n-best row shown (0 = best)
         gr.Markdown(INTRO)
@@ -208,16 +208,22 @@ def server_port() -> int:
     return int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
 
 
-def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), **overrides: Any):
+def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *, queue_size: int = QUEUE_SIZE,
+           concurrency_limit: int | None = None, **overrides: Any):
     """Queue and launch with the serving limits; ``overrides`` go to ``Blocks.launch`` (tests pass
-    ``server_port`` and ``prevent_thread_lock``). Never shares a public link."""
+    ``server_port`` and ``prevent_thread_lock``). Never shares a public link.
+
+    The queue is the only way in (``api_open=False``: no direct REST call skips its size bound or
+    the concurrency limit). MCP and the /monitoring page stay off unless an override asks for them.
+    """
     torch.set_num_threads(TORCH_THREADS)
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=concurrency())
+    demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit or concurrency(), api_open=False)
     blocked = [str(ROOT / "checkpoints"), str(ROOT / "data"), *(str(Path(d).resolve()) for d in checkpoint_dirs)]
     kwargs: dict[str, Any] = dict(
         server_name=server_name(), server_port=server_port(), max_file_size=MAX_FILE_SIZE,
-        blocked_paths=blocked, show_error=False, footer_links=["api", "settings"],
-        theme=gr.themes.Soft(font=THEME_FONT, font_mono=["ui-monospace", "monospace"]), css=CSS)
+        blocked_paths=blocked, show_error=False, footer_links=["api", "settings"], mcp_server=False,
+        enable_monitoring=False, theme=gr.themes.Soft(font=THEME_FONT, font_mono=["ui-monospace", "monospace"]),
+        css=CSS)
     kwargs.update(overrides)
     kwargs["share"] = False
     return demo.launch(**kwargs)

@@ -20,8 +20,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .batching import Batch, EncodedPairs, batch_order, collate, encode_pairs, pad
-from .checkpoint import WEIGHTS, load_checkpoint, read_config, save_checkpoint
+from .checkpoint import MANIFEST, WEIGHTS, load_checkpoint, read_config, resolve, save_checkpoint, sha256
 from .config import EOS_ID, PAD_ID, Config, default_data_path
 from .data import load_corpus, split_corpus
 from .losses import corpus_cross_entropy, sequence_loss
@@ -215,7 +218,8 @@ class Progress:
     train_seconds: float = 0.0
 
 
-def _save_state(dirpath: Path, optimizer, scheduler, progress: Progress) -> None:
+def _save_state(path: Path, optimizer, scheduler, progress: Progress) -> None:
+    """Write the resume state to ``path`` (the caller puts it inside the atomic checkpoint save)."""
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -226,21 +230,65 @@ def _save_state(dirpath: Path, optimizer, scheduler, progress: Progress) -> None
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = dirpath / (TRAIN_STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, dirpath / TRAIN_STATE)
+    torch.save(state, path)
 
 
-def _load_state(dirpath: Path, optimizer, scheduler) -> Progress:
-    state = torch.load(dirpath / TRAIN_STATE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    np.random.set_state(("MT19937", np.array(json.loads(state["numpy_rng"]), dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(json.loads(state["python_rng"])), None))
-    return Progress(**json.loads(state["progress"]))
+def _read_state(dirpath: Path) -> dict[str, Any]:
+    """``dirpath/train_state.pt``, checked against the manifest and loaded without unpickling.
+
+    Raises :class:`TrainingError` naming the file (one line, no traceback at the CLI).
+    """
+    f = dirpath / TRAIN_STATE
+    fix = (f"start again without --resume (this overwrites {dirpath.parent}), "
+           f"or restore {dirpath} from a backup")
+    try:
+        entry = json.loads((dirpath / MANIFEST).read_text(encoding="utf-8")).get(TRAIN_STATE)
+    except (OSError, ValueError, AttributeError):
+        entry = None  # load_checkpoint reports a bad manifest itself
+    if entry and sha256(f) != entry.get("sha256"):
+        raise TrainingError(f"{f} does not match its SHA-256 in {dirpath / MANIFEST} (corrupt or modified); {fix}")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling / zip errors: what matters is which file and what to do
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise TrainingError(f"{f} is not a readable training state ({type(e).__name__}: {reason}); {fix}") from None
+    required = {"optimizer", "scheduler", "progress", "torch_rng", "numpy_rng", "python_rng"}
+    if not isinstance(state, dict) or not required <= set(state):
+        raise TrainingError(f"{f} is not a training state written by this program (missing keys); {fix}")
+    return state
+
+
+def _load_state(dirpath: Path, optimizer, scheduler, state: dict[str, Any] | None = None) -> Progress:
+    """Restore optimiser, scheduler and RNGs from ``state`` (read from ``dirpath`` if not given)."""
+    state = _read_state(dirpath) if state is None else state
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        np.random.set_state(("MT19937", np.array(json.loads(state["numpy_rng"]), dtype=np.uint32), 624, 0, 0.0))
+        random.setstate((3, tuple(json.loads(state["python_rng"])), None))
+        return Progress(**json.loads(state["progress"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainingError(f"{dirpath / TRAIN_STATE} does not fit this model and recipe ({type(e).__name__}: "
+                            f"{str(e)[:160]}); start again without --resume, or restore it from a backup") from None
+
+
+@contextmanager
+def _sigint_ignored():
+    """Ignore Ctrl-C while the interrupt handler saves (a second Ctrl-C must not cut the save short).
+
+    Saves are atomic anyway; this also spares the user a lost step. Only the main thread may set handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- the loop
@@ -276,9 +324,12 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     log(f"corpus {data_path}: train {len(train_df)}, val {len(val_df)}, test {len(splits['test'])} pairs")
 
     last_dir, best_dir, metrics_path = out / "last", out / "best", out / "metrics.jsonl"
+    saved_state = None
     if resume:
+        last_dir = resolve(last_dir)  # last.old if a save was cut between its two renames
         if not (last_dir / TRAIN_STATE).exists():
             raise TrainingError(f"--resume: no resumable state in {last_dir} (train without --resume first)")
+        saved_state = _read_state(last_dir)  # fail fast, before the tokenizer and model are built
         saved_cfg, _ = read_config(last_dir)
         saved_cfg.train.max_steps, saved_cfg.train.epochs = t_cfg.max_steps, t_cfg.epochs
         cfg = saved_cfg
@@ -324,7 +375,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     optimizer = make_optimizer(model, t_cfg.lr, t_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t_cfg.warmup_steps, total_steps, t_cfg.min_lr_ratio))
-    progress = _load_state(last_dir, optimizer, scheduler) if resume else Progress()
+    progress = _load_state(last_dir, optimizer, scheduler, saved_state) if resume else Progress()
     if resume and ddp.enabled and not ddp.main:  # train_state.pt holds rank 0's RNG only
         torch.manual_seed(t_cfg.seed + 1_000_003 * ddp.rank + progress.step)
 
@@ -335,9 +386,14 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                     **({"world_size": ddp.world_size} if ddp.enabled else {})}
 
     def save_last() -> None:
+        # The resume state goes inside the atomic checkpoint save (and its manifest), so last/ always
+        # holds weights and train_state.pt from the same step, whatever interrupts the save.
         if ddp.main:
-            save_checkpoint(last_dir, model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path)
-            _save_state(last_dir, optimizer, scheduler, progress)
+            state_file = out / (TRAIN_STATE + ".tmp")
+            _save_state(state_file, optimizer, scheduler, progress)
+            save_checkpoint(out / "last", model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path,
+                            extra_files={TRAIN_STATE: state_file})
+            state_file.unlink(missing_ok=True)
 
     def write_metrics(row: dict[str, Any]) -> None:
         if ddp.main:
@@ -415,8 +471,10 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                 break
             model.train()
     except KeyboardInterrupt:
-        save_last()
-        log(f"\ninterrupted at step {progress.step}: saved {last_dir}; continue with --resume")
+        log(f"\ninterrupted at step {progress.step}: saving {out / 'last'} (Ctrl-C again is ignored until done)")
+        with _sigint_ignored():
+            save_last()
+        log(f"saved {out / 'last'}; continue with --resume")
         raise
     if ddp.enabled:
         hashes: list[Any] = [None] * ddp.world_size

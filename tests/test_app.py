@@ -39,9 +39,9 @@ def served(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def client(served):
-    from gradio_client import Client
+    from chatbot.loadtest import client as loopback_client
 
-    return Client(served[0], verbose=False)
+    return loopback_client(served[0])  # analytics off: tests send nothing off the machine
 
 
 def test_reply_endpoint_returns_attention_rows_that_sum_to_one(client, served):
