@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", default=None,
                    help="checkpoint folder (default: the shipped one); repeat to evaluate several")
     p.add_argument("--plot", default=None, help="write a PNG of chrF by question length for every checkpoint")
+    p.add_argument("--write-card", action="store_true",
+                   help="put the evaluation table into each checkpoint's model card (README.md)")
     p.add_argument("--data", default=None, help="corpus CSV (default: $CHATBOT_DATA or data/ChatbotData.csv)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
@@ -213,6 +215,10 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
             result = evaluate(bot, args.data or default_data_path(), args.split, args.limit, **decoding)
             if args.markdown:
                 print(f"{result['checkpoint']}:\n{markdown_table(result)}", file=sys.stderr)
+            if args.write_card:
+                from .checkpoint import rewrite_card
+                rewrite_card(bot.path, f"Test split ({result['pairs']} pairs), decoding {result['decoding']}:\n\n"
+                             + markdown_table(result))
             results.append(result)
         if args.plot:
             plot_chrf_by_length(results, args.plot)

@@ -26,6 +26,10 @@ CSS = """
 #heatmap, #step-plot { min-height: 240px; }
 .gradio-container { max-width: 1400px !important; }
 """
+LENGTH_PLOT = ROOT / "docs" / "chrf_by_length.png"  # made by: python -m chatbot evaluate ... --plot
+LENGTH_PLOT_TEXT = """### 질문이 길어지면 어텐션이 더 중요해질까? · Does attention matter more for longer questions?
+고정된 context vector 하나(어텐션 없음)와 어텐션 모델의 chrF를 질문 길이별로 비교했어요 (테스트 분할).
+(chrF of replies by question length on the test split: attention vs. the fixed-context baseline, beside retrieval.)"""
 INTRO = """# 한국어 어텐션 챗봇 · Korean attention seq2seq chatbot
 메시지를 보내면 답변이 한 조각씩 나타나고, 오른쪽 히트맵에 조각마다 한 행씩 어텐션이 그려집니다.
 (Replies stream piece by piece; the heatmap grows one row per piece.)"""
@@ -123,6 +127,9 @@ def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
             # ------------------------------------------------------------ about
             with gr.Tab("소개 About", id="about"):
                 gr.Markdown(ui.ATTENTION_EXPLAINED, latex_delimiters=LATEX)
+                if LENGTH_PLOT.is_file():
+                    gr.Markdown(LENGTH_PLOT_TEXT)
+                    gr.Image(str(LENGTH_PLOT), show_label=False, interactive=False, buttons=[])
                 for name, bot in bots.items():
                     with gr.Accordion(f"모델 카드 model card · {name}", open=len(bots) == 1):
                         if bot.config.tokenizer.morphemes:

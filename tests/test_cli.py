@@ -11,6 +11,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -94,3 +95,18 @@ def test_download_command_against_a_local_server(corpus_server, tiny_corpus_csv,
     p = run("download", "--url", f"{corpus_server}/missing.csv", "--out", str(out), env=env)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert out.read_bytes() == tiny_corpus_csv.read_bytes()  # the good copy is kept
+
+
+def test_evaluate_writes_its_table_into_the_model_card(tiny_checkpoint, tiny_corpus_csv, tmp_path):
+    from safetensors.torch import load_file
+
+    from chatbot.checkpoint import load_checkpoint
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    before = load_file(ck / "model.safetensors")
+    p = run("evaluate", "--checkpoint", str(ck), "--data", str(tiny_corpus_csv), "--write-card")
+    assert p.returncode == 0, p.stderr
+    assert "| chrf |" in (ck / "README.md").read_text() and "retrieval baseline" in (ck / "README.md").read_text()
+    load_checkpoint(ck)  # the manifest was rewritten with the card
+    after = load_file(ck / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
