@@ -222,9 +222,24 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def bench_replies(ck: Checkpoint, plan: Plan, device: torch.device, max_len: int) -> dict[str, Any]:
-    from .inference import ChatBot
+    """Reply latency as served: fp32 first, then (on the CPU) with the int8 dynamic quantization
+    that ``ChatBot.from_checkpoint`` applies by default there. Unsuffixed keys = as served."""
+    from .inference import ChatBot, quantize_int8
 
-    bot = ChatBot(ck, device)
+    variants = [("_fp32", False)] + ([("", True)] if device.type == "cpu" else [])
+    out: dict[str, Any] = {}
+    for suffix, quantize in variants:
+        bot = ChatBot(ck, device)
+        if quantize:
+            out["served_int8"] = quantize_int8(bot.model)  # in place: the last variant measured
+        out.update({k + suffix: v for k, v in _reply_figures(bot, plan, device, max_len).items()})
+    if device.type != "cpu":  # served unquantized on a GPU
+        out.update({k[: -len("_fp32")]: v for k, v in list(out.items()) if k.endswith("_fp32")})
+        out["served_int8"] = False
+    return out
+
+
+def _reply_figures(bot, plan: Plan, device: torch.device, max_len: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, opts in (("greedy", {"strategy": "greedy"}), ("beam5", {"strategy": "beam", "beam_size": 5})):
         opts = {**opts, "max_len": max_len}
@@ -332,6 +347,8 @@ def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads:
         "reply_ms_p95_greedy": rep["reply_ms_p95_greedy"],
         "reply_ms_p95_beam5": rep["reply_ms_p95_beam5"],
         "replies_per_s_batched": rep["replies_per_s_batched"],
+        "served_int8": rep["served_int8"],
+        **{k: v for k, v in rep.items() if k.endswith("_fp32")},
         "train_tokens_per_s": ours_tps,
         "naive_train_tokens_per_s": naive_tps,
         "achieved_gflops": achieved / 1e9,
@@ -371,6 +388,8 @@ def table(r: dict[str, Any]) -> str:
         ("reply beam 5 p50 / p95", f"{r['reply_ms_p50_beam5']:.1f} / {r['reply_ms_p95_beam5']:.1f} ms "
                                    f"({r['reply_len_mean_beam5']:.1f} pieces)"),
         (f"batched greedy ({r['batched_size']})", f"{r['replies_per_s_batched']:,.0f} replies/s"),
+        ("replies served as", "int8 dynamic quantization" if r["served_int8"] else "fp32"),
+        ("fp32 greedy / beam 5 p50", f"{r['reply_ms_p50_greedy_fp32']:.1f} / {r['reply_ms_p50_beam5_fp32']:.1f} ms"),
         ("app start -> first reply", f"{r['app_start_to_first_reply_s']:.2f} s (import {r['app_import_s']:.2f}, "
                                      f"load {r['app_load_checkpoint_s']:.2f}, reply {r['app_first_reply_ms']:.0f} ms)"),
         ("app peak RSS", f"{r['app_peak_rss_mb']:.0f} MB"),

@@ -62,3 +62,17 @@ def test_batch_matches_single_replies(tiny_bot):
     msgs = ["안녕", "헤어졌어", "", "고백할까"]
     batch = tiny_bot.reply_batch(msgs)
     assert [r.text for r in batch] == [tiny_bot.reply(m).text for m in msgs]
+
+
+def test_int8_quantized_bot_gives_valid_replies_and_streams(tiny_checkpoint):
+    from chatbot.inference import ChatBot
+
+    bot = ChatBot.from_checkpoint(tiny_checkpoint, device="cpu", quantize=True)
+    assert bot.quantized and "quantized" in type(bot.model.out).__module__
+    for strategy in ("greedy", "beam"):
+        r = bot.reply("헤어졌어", strategy=strategy)
+        assert r.attention.shape == (len(r.reply_tokens), len(r.source_tokens))
+        np.testing.assert_allclose(r.attention.sum(1), 1.0, atol=1e-5)
+    steps = list(bot.stream("헤어졌어"))
+    assert steps[-1].reply.text == bot.reply("헤어졌어").text
+    assert not ChatBot.from_checkpoint(tiny_checkpoint, device="cpu").quantized  # auto: tiny models stay fp32
