@@ -104,7 +104,8 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
                if k in ("distinct_1", "distinct_2", "unique_reply_rate")}
     lengths = [len(bot.tokenizer.encode(q)[: cfg.max_source_len]) for q in questions]
     return {
-        "checkpoint": str(bot.path), "attention": bot.config.model.attention, "int8": bot.quantized, "data": str(data_path), "split": split, "pairs": len(questions),
+        "checkpoint": str(bot.path), "attention": bot.config.model.attention, "int8": bot.quantized,
+        "data": str(data_path), "split": split, "pairs": len(questions),
         "decoding": decoding or {"strategy": "greedy"}, "decode_seconds": round(seconds, 2),
         "model": {k: round(v, 4) for k, v in model_fig.items()},
         "retrieval_baseline": {k: round(v, 4) for k, v in base_fig.items()},
