@@ -1,7 +1,6 @@
 """The real app, launched on a free port with the tiny checkpoint, driven through gradio_client."""
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
@@ -10,6 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
+from chatbot.loadtest import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # app.py lives at the repository root
 
@@ -17,11 +18,6 @@ import app  # noqa: E402
 
 MSG = "헤어진 지 한 달 됐어"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ Screenshots land in artifacts/ (gitignored) for a person to look at.
 """
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+
+from chatbot.loadtest import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium (apt install chromium)")
@@ -26,11 +27,6 @@ READ_HEATMAP = """() => {
           rows: div.data[0].z.length};
 }"""
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

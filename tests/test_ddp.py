@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ from chatbot.batching import batch_order, collate, encode_pairs
 from chatbot.checkpoint import load_checkpoint
 from chatbot.config import load_config
 from chatbot.data import load_corpus, split_corpus
+from chatbot.loadtest import free_port
 from chatbot.model import build_model
 from chatbot.train import lr_lambda, make_optimizer, seed_everything, train_step
 from conftest import ROOT
@@ -27,11 +27,6 @@ STEPS, EPOCHS = 7, 2  # 5 steps per rank per epoch on the tiny corpus: crosses a
 OVERRIDES = {"model.dropout": "0", "train.max_steps": str(STEPS), "train.epochs": str(EPOCHS),
              "train.threads": "1", "train.patience": "10", "train.samples": "1"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def single_process_on_union_batches(cfg, csv, tokenizer) -> dict[str, torch.Tensor]:
