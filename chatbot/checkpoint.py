@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from .text import Tokenizer
 WEIGHTS, CONFIG, TOKENIZER, METRICS, CARD, MANIFEST = (
     "model.safetensors", "config.json", "tokenizer.model", "metrics.jsonl", "README.md", "manifest.json")
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
+SPACES_FILE_LIMIT = 10_000_000  # bytes; Spaces refuse larger files without Git LFS
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -94,6 +97,10 @@ def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, conf
                 for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     _fsync_dir(tmp)
+    for p in tmp.iterdir():
+        if p.stat().st_size > SPACES_FILE_LIMIT:
+            log.warning("%s is %.1f MB: Hugging Face Spaces refuse files over 10 MB without Git LFS "
+                        "(shrink the model or keep dtype=float16)", path / p.name, p.stat().st_size / 1e6)
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():

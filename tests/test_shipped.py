@@ -1,0 +1,27 @@
+"""The checkpoints shipped in checkpoints/: complete, verified, small enough for Spaces, and answering."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chatbot.checkpoint import SPACES_FILE_LIMIT, read_metrics, verify
+from chatbot.inference import ChatBot
+from conftest import ROOT
+
+SHIPPED = sorted(p for p in (ROOT / "checkpoints").iterdir() if (p / "model.safetensors").exists())
+
+
+def test_the_default_checkpoint_is_shipped():
+    assert ROOT / "checkpoints" / "default" in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_checkpoint(path):
+    verify(path)
+    assert all(f.stat().st_size < SPACES_FILE_LIMIT for f in path.iterdir())
+    assert any("val_loss" in row for row in read_metrics(path))
+    bot = ChatBot.from_checkpoint(path, device="cpu")
+    r = bot.reply("좋아하는 사람이 생겼어")
+    assert r.generated and r.text.strip() and r.reply_tokens
+    if bot.has_attention:
+        np.testing.assert_allclose(r.attention.sum(1), 1.0, atol=1e-4)
