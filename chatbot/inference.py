@@ -74,6 +74,7 @@ class Reply:
             "attention": [] if self.attention is None else [[round(float(x), 5) for x in row] for row in self.attention],
             "score": self.score,
             "truncated": self.truncated,
+            "generated": self.generated,
             "n_best": [{"reply": h.text, "score": h.score} for h in self.n_best],
         }
 

@@ -15,7 +15,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BOS_ID, EOS_ID, PAD_ID, UNK_ID

@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .batching import Batch, EncodedPairs, batch_order, collate, encode_pairs, pad
-from .checkpoint import MANIFEST, WEIGHTS, load_checkpoint, read_config, resolve, save_checkpoint, sha256
+from .batching import Batch, batch_order, collate, encode_pairs, pad
+from .checkpoint import MANIFEST, load_checkpoint, read_config, resolve, save_checkpoint, sha256
 from .config import EOS_ID, PAD_ID, Config, default_data_path
 from .data import load_corpus, split_corpus
 from .losses import corpus_cross_entropy, sequence_loss

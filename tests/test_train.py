@@ -34,7 +34,7 @@ def test_training_writes_a_complete_small_checkpoint(tiny_checkpoint):
 def test_resume_is_exact(tiny_corpus_csv, tmp_path):
     """2N steps straight == N steps, then --resume, then N more (parameters equal)."""
     common = {"train.epochs": "3", "model.dropout": "0.3", "train.patience": "10"}
-    straight = train_tiny(tiny_corpus_csv, tmp_path / "a", **common, **{"train.max_steps": "14"})
+    train_tiny(tiny_corpus_csv, tmp_path / "a", **common, **{"train.max_steps": "14"})
     train_tiny(tiny_corpus_csv, tmp_path / "b", **common, **{"train.max_steps": "7"})
     cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv),
                                                        "train.out_dir": str(tmp_path / "b"),
