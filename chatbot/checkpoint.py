@@ -180,7 +180,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path / WEIGHTS} is not a readable safetensors file ({e})") from None
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _is_alias(model, k, state)]
+    missing = [k for k in expected if k not in state and not _is_alias(expected, k, state)]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
@@ -195,9 +195,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(model, tokenizer, config, meta, path)
 
 
-def _is_alias(model: torch.nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
-    """True when ``key`` shares storage with a tensor that is in ``state`` (tied weights)."""
-    sd = model.state_dict()
+def _is_alias(sd: dict[str, torch.Tensor], key: str, state: dict[str, torch.Tensor]) -> bool:
+    """True when ``sd[key]`` shares storage with a tensor that is in ``state`` (tied weights)."""
     ptr = sd[key].data_ptr()
     return any(sd[k].data_ptr() == ptr for k in state if k in sd)
 

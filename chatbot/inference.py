@@ -203,6 +203,7 @@ class ChatBot:
             return
         gen = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.seed is not None else None
         tokens: list[int] = []
+        pieces: list[str] = []  # display labels grow one per step (each id's label is context-free)
         rows: list[np.ndarray] = []
         cands: list[list[Candidate]] = []
         score = 0.0
@@ -214,10 +215,11 @@ class ChatBot:
             if tok == EOS_ID:
                 break
             tokens.append(tok)
+            pieces += self._pieces([tok])
             row = None if step.attention is None else step.attention[0].float().cpu().numpy()
             if row is not None:
                 rows.append(row)
             cands.append(self._candidates(step.topk_ids[0].cpu().numpy(), step.topk_probs[0].float().cpu().numpy()))
-            partial = Reply(self.tokenizer.decode(tokens), source_tokens, self._pieces(tokens),
+            partial = Reply(self.tokenizer.decode(tokens), source_tokens, list(pieces),
                             np.stack(rows) if rows else None, list(cands), score, [], cut)
             yield StreamStep(partial.reply_tokens[-1], row, cands[-1], partial)
