@@ -25,15 +25,17 @@ class EncodedPairs:
         return sum(len(t) for t in self.tgt)
 
 
-def encode_source(tokenizer: Tokenizer, text: str, max_len: int) -> list[int]:
-    return tokenizer.encode(text)[:max_len]
+def encode_source(tokenizer: Tokenizer, text: str, max_len: int, sample_alpha: float = 0.0) -> list[int]:
+    return tokenizer.encode(text, sample_alpha)[:max_len]
 
 
 def encode_pairs(tokenizer: Tokenizer, questions: Iterable[str], answers: Iterable[str],
-                 labels: Iterable[int], max_source_len: int, max_target_len: int) -> EncodedPairs:
+                 labels: Iterable[int], max_source_len: int, max_target_len: int,
+                 sample_alpha: float = 0.0) -> EncodedPairs:
+    """Question ids (segmentation sampled when ``sample_alpha > 0``) and answer ids + ``</s>``."""
     src, tgt = [], []
     for q, a in zip(questions, answers):
-        s = encode_source(tokenizer, q, max_source_len) or [EOS_ID]  # never an empty source
+        s = encode_source(tokenizer, q, max_source_len, sample_alpha) or [EOS_ID]  # never an empty source
         src.append(s)
         tgt.append(tokenizer.encode(a)[: max_target_len - 1] + [EOS_ID])
     return EncodedPairs(src, tgt, [int(x) for x in labels])

@@ -241,7 +241,8 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
         "- Corpus: ChatbotData (songys/Chatbot_data, MIT licence), split by unique question.",
     ]
     if "best_val_loss" in meta:
-        lines.append(f"- Best validation loss {meta['best_val_loss']:.4f} at epoch {meta.get('best_epoch')}; "
+        chrf = f" (chrF {meta['best_val_chrf']:.1f}, the selection metric)" if "best_val_chrf" in meta else ""
+        lines.append(f"- Best epoch {meta.get('best_epoch')}: validation loss {meta['best_val_loss']:.4f}{chrf}; "
                      f"trained {meta.get('steps')} steps in {meta.get('train_seconds', 0):.0f} s on {meta.get('device')}.")
     if meta.get("command"):
         lines += ["", "Made with:", "", f"    {meta['command']}"]

@@ -20,6 +20,7 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
 
 ATTENTION_TYPES = ("none", "dot", "general", "additive")
+SELECT_BY = ("loss", "chrf")
 RNN_TYPES = ("gru", "lstm")
 
 DEFAULT_DATA = "data/ChatbotData.csv"
@@ -90,6 +91,17 @@ class TrainConfig:
     samples: int = 3  # sample replies printed after each epoch
     max_steps: int = 0  # >0: stop after this many optimiser steps (tests, benchmarks)
     save_every: int = 0  # >0: also save the resumable state every N steps
+    subword_alpha: float = 0.0  # >0: questions re-segmented every epoch by sentencepiece sampling (this smoothing)
+    word_dropout: float = 0.0  # share of question pieces replaced by <unk> in training
+    select: str = "loss"  # loss | chrf: what picks best/ and drives early stopping (chrf: greedy on validation)
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECT_BY:
+            raise ValueError(f"train.select must be one of {SELECT_BY}, got {self.select!r}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"train.word_dropout must be in [0, 1), got {self.word_dropout}")
+        if self.subword_alpha < 0:
+            raise ValueError(f"train.subword_alpha must be >= 0, got {self.subword_alpha}")
 
 
 @dataclass

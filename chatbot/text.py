@@ -235,18 +235,24 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``normalize(text)``; no ``<s>``/``</s>`` added."""
+    def encode(self, text: str, sample_alpha: float = 0.0) -> list[int]:
+        """Token ids of ``normalize(text)``; no ``<s>``/``</s>`` added.
+
+        ``sample_alpha > 0``: one segmentation sampled from all of sentencepiece's candidates
+        (subword regularisation, Kudo 2018; smaller alpha = flatter). Seed it with
+        ``sentencepiece.set_random_generator_seed``. Decoding the ids still gives the same text.
+        """
         text = normalize(text)
         if not text:
             return []
+        kw = {"enable_sampling": True, "alpha": sample_alpha, "nbest_size": -1} if sample_alpha > 0 else {}
         if not self.morphemes:
-            return self._sp.encode(text)
+            return self._sp.encode(text, **kw)
         chunks = []
         for word in segment_morphemes(text):
             chunks.append(_SPACE + word[0])
             chunks.extend(word[1:])
-        return list(itertools.chain.from_iterable(self._sp.encode(chunks)))
+        return list(itertools.chain.from_iterable(self._sp.encode(c, **kw) for c in chunks))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special ids (pad, unk, bos, eos) skipped. Cut at eos first."""

@@ -25,19 +25,22 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import sacrebleu
+import sentencepiece as spm
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .batching import Batch, batch_order, collate, encode_pairs, pad
+from .batching import Batch, EncodedPairs, batch_order, collate, encode_pairs, encode_source, pad
 from .checkpoint import MANIFEST, load_checkpoint, read_config, resolve, save_checkpoint, sha256
-from .config import EOS_ID, PAD_ID, Config, default_data_path
+from .config import EOS_ID, PAD_ID, UNK_ID, Config, default_data_path
 from .data import load_corpus, split_corpus
 from .losses import corpus_cross_entropy, sequence_loss
 from .model import Seq2Seq, build_model, count_parameters
@@ -206,14 +209,44 @@ def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], m
     return [(q, tokenizer.decode(h.tokens)) for q, h in zip(questions, hyps)]
 
 
+def validation_chrf(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], answers: list[str],
+                    max_source_len: int, device: torch.device, batch_size: int = 128) -> float:
+    """chrF of greedy replies to the validation questions (the figure ``evaluate`` reports on test)."""
+    model.eval()
+    replies = []
+    with torch.inference_mode():
+        for i in range(0, len(questions), batch_size):
+            src = [encode_source(tokenizer, q, max_source_len) or [EOS_ID] for q in questions[i: i + batch_size]]
+            hyps = greedy(model, pad(src).to(device), torch.tensor([len(s) for s in src]).to(device),
+                          DecodeOptions(max_len=48))
+            replies += [tokenizer.decode(h.tokens) for h in hyps]
+    return sacrebleu.corpus_chrf(replies, [answers]).score
+
+
+def resample_sources(pairs: EncodedPairs, tokenizer: Tokenizer, questions: list[str], alpha: float,
+                     max_source_len: int, seed: int) -> EncodedPairs:
+    """``pairs`` with every question re-segmented by sentencepiece sampling, deterministic in ``seed``."""
+    spm.set_random_generator_seed(seed)
+    src = [encode_source(tokenizer, q, max_source_len, alpha) or [EOS_ID] for q in questions]
+    return EncodedPairs(src, pairs.tgt, pairs.labels)
+
+
+def drop_words(src: Tensor, p: float) -> Tensor:
+    """Replace a share ``p`` of the real (non-pad) pieces of ``src`` by ``<unk>`` (global torch RNG)."""
+    hit = (torch.rand(src.shape, device=src.device) < p) & (src != PAD_ID)
+    return src.masked_fill(hit, UNK_ID)
+
+
 # ---------------------------------------------------------------- state for exact resume
 @dataclass
 class Progress:
     step: int = 0  # optimiser steps done
     epoch: int = 0  # current epoch (0-based)
     batch: int = 0  # batches of this epoch already done
-    best_val: float = float("inf")
+    best_val: float = float("inf")  # selection score of the best epoch, lower is better (val loss or -chrF)
     best_epoch: int = -1
+    best_loss: float = float("inf")  # validation loss of the best epoch
+    best_chrf: float = -1.0  # validation chrF of the best epoch (train.select = chrf)
     bad_epochs: int = 0  # epochs since the best (early stopping)
     train_seconds: float = 0.0
 
@@ -380,7 +413,9 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
         torch.manual_seed(t_cfg.seed + 1_000_003 * ddp.rank + progress.step)
 
     meta = lambda: {"parameters": n_params, "steps": progress.step, "epoch": progress.epoch,  # noqa: E731
-                    "best_val_loss": progress.best_val, "best_epoch": progress.best_epoch,
+                    "best_val_loss": progress.best_loss, "best_epoch": progress.best_epoch,
+                    "selected_by": t_cfg.select,
+                    **({"best_val_chrf": progress.best_chrf} if t_cfg.select == "chrf" else {}),
                     "train_seconds": progress.train_seconds, "device": str(device),
                     "autocast": str(amp), "command": command or "",
                     **({"world_size": ddp.world_size} if ddp.enabled else {})}
@@ -401,18 +436,25 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     val_questions = list(val_df["Q"][: t_cfg.samples])
+    train_questions = list(train_df["Q"])
     stop = False
     try:
         while progress.epoch < t_cfg.epochs and not stop:
-            order = batch_order(train_pairs, t_cfg.batch_size, t_cfg.seed, progress.epoch, **shard)
+            epoch_pairs = train_pairs
+            if t_cfg.subword_alpha > 0:  # same seed on every rank and on resume: the same segmentations
+                epoch_pairs = resample_sources(train_pairs, tokenizer, train_questions, t_cfg.subword_alpha,
+                                               cfg.data.max_source_len, t_cfg.seed * 100_003 + progress.epoch)
+            order = batch_order(epoch_pairs, t_cfg.batch_size, t_cfg.seed, progress.epoch, **shard)
             model.train()
             bar = tqdm(total=len(order), initial=progress.batch, desc=f"epoch {progress.epoch + 1}/{t_cfg.epochs}",
                        dynamic_ncols=True, disable=None if ddp.main else True, file=sys.stderr)
             t_epoch, tok_epoch, loss_sum, loss_n = time.time(), 0, 0.0, 0
             while progress.batch < len(order):
                 t_step = time.time()
-                b = collate(train_pairs, order[progress.batch])
+                b = collate(epoch_pairs, order[progress.batch])
                 b = (b.pin_memory() if device.type == "cuda" else b).to(device, non_blocking=True)
+                if t_cfg.word_dropout > 0:
+                    b = replace(b, src=drop_words(b.src, t_cfg.word_dropout))
                 try:
                     loss_val, n_tok = train_step(train_model, b, optimizer, scaler, amp=amp,
                                                  label_smoothing=t_cfg.label_smoothing, grad_clip=t_cfg.grad_clip,
@@ -446,16 +488,25 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                    "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                    "tokens_per_s": tok_epoch / max(1e-9, time.time() - t_epoch),
                    "lr": scheduler.get_last_lr()[0], "elapsed_s": progress.train_seconds}
+            if t_cfg.select == "chrf":
+                chrf = [validation_chrf(model, tokenizer, list(val_df["Q"]), list(val_df["A"]),
+                                        cfg.data.max_source_len, device) if ddp.main else 0.0]
+                if ddp.enabled:  # every rank must take the same early-stopping decision
+                    dist.broadcast_object_list(chrf, src=0)
+                row["val_chrf"] = chrf[0]
             samples = sample_replies(model, tokenizer, val_questions if ddp.main else [],
                                      cfg.data.max_source_len, device)
             row["samples"] = [{"q": q, "reply": r} for q, r in samples]
             log(f"epoch {progress.epoch + 1}: train {row['train_loss']:.3f}  val {val_loss:.3f} "
-                f"(ppl {row['val_ppl']:.1f})  {row['tokens_per_s']:,.0f} tok/s")
+                f"(ppl {row['val_ppl']:.1f})" + (f"  chrF {row['val_chrf']:.1f}" if "val_chrf" in row else "")
+                + f"  {row['tokens_per_s']:,.0f} tok/s")
             for q, r in samples:
                 log(f"    Q: {q}\n    A: {r}")
-            improved = val_loss < progress.best_val
+            score = -row["val_chrf"] if t_cfg.select == "chrf" else val_loss
+            improved = score < progress.best_val
             if improved:
-                progress.best_val, progress.best_epoch, progress.bad_epochs = val_loss, progress.epoch + 1, 0
+                progress.best_val, progress.best_epoch, progress.bad_epochs = score, progress.epoch + 1, 0
+                progress.best_loss, progress.best_chrf = val_loss, row.get("val_chrf", -1.0)
             else:
                 progress.bad_epochs += 1
             if epoch_done:
@@ -490,9 +541,11 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     else:  # keep the best weights, refresh the metrics log beside them
         ck = load_checkpoint(best_dir)
         save_checkpoint(best_dir, ck.model, ck.tokenizer, ck.config, meta={**ck.meta, **{
-            k: v for k, v in meta().items() if k in ("best_val_loss", "best_epoch")}},
+            k: v for k, v in meta().items() if k.startswith("best_") or k == "selected_by"}},
             metrics_path=metrics_path, dtype=torch.float16)
-    log(f"best checkpoint: {best_dir} (val loss {progress.best_val:.4f}, epoch {progress.best_epoch})")
+    log(f"best checkpoint: {best_dir} (val loss {progress.best_loss:.4f}"
+        + (f", val chrF {progress.best_chrf:.1f}" if t_cfg.select == "chrf" else "")
+        + f", epoch {progress.best_epoch})")
     if ddp.enabled:
         dist.barrier()
     return best_dir

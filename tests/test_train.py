@@ -31,9 +31,14 @@ def test_training_writes_a_complete_small_checkpoint(tiny_checkpoint):
     assert (tiny_checkpoint.parent / "last" / "train_state.pt").exists()
 
 
-def test_resume_is_exact(tiny_corpus_csv, tmp_path):
-    """2N steps straight == N steps, then --resume, then N more (parameters equal)."""
-    common = {"train.epochs": "3", "model.dropout": "0.3", "train.patience": "10"}
+REGULARISED = {"train.subword_alpha": "0.1", "train.word_dropout": "0.2", "train.select": "chrf"}
+
+
+@pytest.mark.parametrize("extra", [{}, REGULARISED], ids=["plain", "sampled-segmentation+word-dropout+chrf"])
+def test_resume_is_exact(tiny_corpus_csv, tmp_path, extra):
+    """2N steps straight == N steps, then --resume, then N more (parameters equal), also with
+    per-epoch segmentation sampling and word dropout (their randomness is part of the resume state)."""
+    common = {"train.epochs": "3", "model.dropout": "0.3", "train.patience": "10", **extra}
     train_tiny(tiny_corpus_csv, tmp_path / "a", **common, **{"train.max_steps": "14"})
     train_tiny(tiny_corpus_csv, tmp_path / "b", **common, **{"train.max_steps": "7"})
     cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv),
@@ -78,3 +83,52 @@ def test_unknown_config_key_is_rejected():
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_recipe_loads(recipe):
     load_config(ROOT / "configs" / recipe)
+
+
+def test_sampled_segmentations_vary_decode_to_the_same_text_and_repeat_with_the_seed(tiny_checkpoint):
+    import sentencepiece as spm
+
+    tok = load_checkpoint(tiny_checkpoint).tokenizer
+    text = "오늘 점심 추천해줘 배고파"
+    assert tok.decode(tok.encode(text)) == text  # every character is in the tiny vocabulary
+    draws = []
+    for seed in (1, 1, 2):
+        spm.set_random_generator_seed(seed)
+        draws.append([tuple(tok.encode(text, sample_alpha=0.1)) for _ in range(20)])
+    assert draws[0] == draws[1] != draws[2]  # seeded
+    assert len(set(draws[0])) > 1  # more than one segmentation
+    assert all(tok.decode(ids) == text for ids in draws[0])  # every one spells the question
+    assert tok.encode(text) == tok.encode(text)  # no sampling by default
+
+
+def test_word_dropout_hits_about_its_share_of_real_pieces_and_never_padding():
+    from chatbot.config import PAD_ID, UNK_ID
+    from chatbot.train import drop_words
+
+    torch.manual_seed(0)
+    src = torch.randint(4, 100, (200, 30))
+    src[:, 20:] = PAD_ID
+    out = drop_words(src, 0.25)
+    assert (out[:, 20:] == PAD_ID).all()
+    hit = out[:, :20] != src[:, :20]
+    assert (out[:, :20][hit] == UNK_ID).all()
+    assert 0.22 < hit.float().mean().item() < 0.28
+
+
+def test_selecting_by_chrf_keeps_the_epoch_with_the_best_validation_chrf(tiny_corpus_csv, tmp_path):
+    best = train_tiny(tiny_corpus_csv, tmp_path, **{"train.select": "chrf", "train.epochs": "4"})
+    epochs = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r]
+    chrfs = [r["val_chrf"] for r in epochs]
+    assert all(0 <= c <= 100 for c in chrfs) and max(chrfs) > 0
+    meta = load_checkpoint(best).meta
+    assert meta["selected_by"] == "chrf"
+    assert meta["best_val_chrf"] == pytest.approx(max(chrfs))
+    assert meta["best_epoch"] == 1 + chrfs.index(max(chrfs))
+    assert meta["best_val_loss"] == pytest.approx(epochs[chrfs.index(max(chrfs))]["val_loss"])
+
+
+@pytest.mark.parametrize("key,value", [("train.select", "bleu"), ("train.word_dropout", "1.0"),
+                                       ("train.subword_alpha", "-0.1")])
+def test_bad_regularisation_settings_are_rejected(key, value):
+    with pytest.raises(ValueError, match=key.split(".")[1]):
+        load_config(ROOT / "configs" / "tiny.yaml", {key: value})
