@@ -77,8 +77,10 @@ def _unique_state(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str
 def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, config: Config, *,
                     meta: dict[str, Any] | None = None, metrics_path: str | Path | None = None,
                     extra_files: dict[str, Path] | None = None, dtype: torch.dtype | None = None,
-                    card: str | None = None) -> Path:
-    """Write a checkpoint folder atomically. ``dtype=torch.float16`` halves the weights file."""
+                    card: str | None = None, warn_size: bool = True) -> Path:
+    """Write a checkpoint folder atomically. ``dtype=torch.float16`` halves the weights file.
+
+    ``warn_size``: log files over the 10 MB Spaces limit (off for training's resume state, never shipped)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -98,7 +100,7 @@ def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, conf
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     _fsync_dir(tmp)
     for p in tmp.iterdir():
-        if p.stat().st_size > SPACES_FILE_LIMIT:
+        if warn_size and p.stat().st_size > SPACES_FILE_LIMIT:
             log.warning("%s is %.1f MB: Hugging Face Spaces refuse files over 10 MB without Git LFS "
                         "(shrink the model or keep dtype=float16)", path / p.name, p.stat().st_size / 1e6)
     old = path.with_name(path.name + ".old")

@@ -427,7 +427,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
             state_file = out / (TRAIN_STATE + ".tmp")
             _save_state(state_file, optimizer, scheduler, progress)
             save_checkpoint(out / "last", model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path,
-                            extra_files={TRAIN_STATE: state_file})
+                            extra_files={TRAIN_STATE: state_file}, warn_size=False)
             state_file.unlink(missing_ok=True)
 
     def write_metrics(row: dict[str, Any]) -> None:
