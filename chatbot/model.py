@@ -74,7 +74,10 @@ class Encoder(nn.Module):
         if self.label_embedding is not None and label is not None:
             x = x + self.label_embedding(label).unsqueeze(1)
         x = self.dropout(x)
-        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        lengths = src_len.cpu()
+        if bool((lengths == src.size(1)).all()):  # no padding (e.g. one message): packing buys nothing
+            return self.rnn(x)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, final = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, H)
         return out, final

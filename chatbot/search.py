@@ -76,7 +76,7 @@ class Step:
 # ---------------------------------------------------------------- score rewriting
 def ban_special(logits: Tensor, step: int, min_len: int) -> Tensor:
     """Never generate <pad>, <s> or <unk>; no </s> before ``min_len`` pieces."""
-    logits[:, [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
+    logits[:, : max(PAD_ID, UNK_ID, BOS_ID) + 1] = float("-inf")  # ids 0..2: a slice, no index tensor per step
     if step < min_len:
         logits[:, EOS_ID] = float("-inf")
     return logits
@@ -151,10 +151,11 @@ def decode_steps(model: Seq2Seq, memory: Memory, opts: DecodeOptions,
         if sampling:
             filtered = filter_top_k_top_p(logits, opts.top_k, opts.top_p).softmax(-1)
             token = torch.multinomial(filtered, 1, generator=generator).squeeze(1)
-        else:
-            token = probs.argmax(-1)
-        token = token.masked_fill(done, PAD_ID)
-        logprob = probs.gather(1, token.unsqueeze(1)).squeeze(1).log()
+            token = token.masked_fill(done, PAD_ID)
+            logprob = probs.gather(1, token.unsqueeze(1)).squeeze(1).log()
+        else:  # the top candidate is the greedy choice
+            token = topk_ids[:, 0].masked_fill(done, PAD_ID)
+            logprob = topk_probs[:, 0].log()
         yield Step(token, attn, topk_ids, topk_probs, logprob, done.clone())
         done |= token == EOS_ID
         if bool(done.all()):

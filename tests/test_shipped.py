@@ -21,6 +21,7 @@ def test_shipped_checkpoint(path):
     assert all(f.stat().st_size < SPACES_FILE_LIMIT for f in path.iterdir())
     assert any("val_loss" in row for row in read_metrics(path))
     bot = ChatBot.from_checkpoint(path, device="cpu")
+    assert bot.quantized and "quantized" in type(bot.model.out).__module__  # int8 where the bytes are
     r = bot.reply("좋아하는 사람이 생겼어")
     assert r.generated and r.text.strip() and r.reply_tokens
     if bot.has_attention:
