@@ -171,19 +171,23 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
 
 
 def training_figure(ckpt_dir: str | Path | None) -> go.Figure:
-    """Training curves from the checkpoint's metrics.jsonl: train loss per step, val loss / ppl per epoch."""
+    """Training curves from the checkpoint's metrics.jsonl: train loss per step, val loss / ppl per epoch,
+    and, for runs that chose their best epoch by it, validation chrF per epoch in a second panel."""
     rows = read_metrics(ckpt_dir) if ckpt_dir else []
     # per-step rows carry train_loss alone; epoch rows give the epoch's mean train loss beside val_loss
     steps = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r and "step" in r and "val_loss" not in r]
     epochs = [r for r in rows if "val_loss" in r and "step" in r]
     if not steps and not epochs:
         return note_figure("이 체크포인트에는 학습 기록(metrics.jsonl)이 없어요.")
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    chrf = [(r["step"], r["val_chrf"]) for r in epochs if r.get("val_chrf") is not None]
+    specs = [[{"secondary_y": True}]] + ([[{"secondary_y": False}]] if chrf else [])
+    fig = make_subplots(rows=len(specs), cols=1, specs=specs, shared_xaxes=True, vertical_spacing=0.08,
+                        row_heights=[0.62, 0.38] if chrf else None)
 
-    def line(xy: list[tuple[float, float]], name: str, **style: Any) -> None:
+    def line(xy: list[tuple[float, float]], name: str, row: int = 1, **style: Any) -> None:
         if xy:
             fig.add_trace(go.Scatter(x=[x for x, _ in xy], y=[y for _, y in xy], name=name, **style),
-                          secondary_y=name == "val ppl")
+                          row=row, col=1, **({"secondary_y": name == "val ppl"} if row == 1 else {}))
 
     line(steps, "train loss (step)", mode="lines", line=dict(width=1))
     line([(r["step"], r["train_loss"]) for r in epochs if "train_loss" in r], "train loss (epoch)",
@@ -191,10 +195,13 @@ def training_figure(ckpt_dir: str | Path | None) -> go.Figure:
     line([(r["step"], r["val_loss"]) for r in epochs], "val loss", mode="lines+markers")
     line([(r["step"], r["val_ppl"]) for r in epochs if r.get("val_ppl") is not None], "val ppl",
          mode="lines+markers", line=dict(dash="dot"))
-    fig.update_xaxes(title=dict(text="step"))
-    fig.update_yaxes(title=dict(text="loss"), secondary_y=False)
-    fig.update_yaxes(title=dict(text="perplexity"), secondary_y=True)
-    return _layout(fig, "학습 곡선 training curves", height=360)
+    fig.update_yaxes(title=dict(text="loss"), row=1, col=1, secondary_y=False)
+    fig.update_yaxes(title=dict(text="perplexity"), row=1, col=1, secondary_y=True)
+    if chrf:
+        line(chrf, "val chrF", row=2, mode="lines+markers", line=dict(color="#31a354"))
+        fig.update_yaxes(title=dict(text="chrF"), row=2, col=1)
+    fig.update_xaxes(title=dict(text="step"), row=len(specs), col=1)
+    return _layout(fig, "학습 곡선 training curves", height=480 if chrf else 360)
 
 
 # ---------------------------------------------------------------- chat

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import json
 
 import numpy as np
 import pytest
@@ -148,6 +149,17 @@ def test_about_tab_card_and_training_curves(tiny_bot):
     names = [t.name for t in ui.training_figure(tiny_bot.path).data]
     assert names == ["train loss (step)", "train loss (epoch)", "val loss", "val ppl"]
     assert ui.training_figure(None).layout.annotations
+
+
+def test_training_curves_show_validation_chrf_when_the_run_chose_by_it(tmp_path):
+    rows = [{"step": 50, "epoch": 1, "train_loss": 5.0},
+            {"epoch": 1, "step": 80, "train_loss": 4.8, "val_loss": 4.5, "val_ppl": 90.0, "val_chrf": 7.5},
+            {"epoch": 2, "step": 160, "train_loss": 4.1, "val_loss": 4.2, "val_ppl": 66.7, "val_chrf": 9.25}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    fig = ui.training_figure(tmp_path)
+    chrf = next(t for t in fig.data if t.name == "val chrF")
+    assert list(chrf.x) == [80, 160] and list(chrf.y) == [7.5, 9.25]
+    assert chrf.yaxis != next(t for t in fig.data if t.name == "val loss").yaxis  # its own panel
     assert "c_t = \\sum_s" in ui.ATTENTION_EXPLAINED and "\\tanh" in ui.ATTENTION_EXPLAINED
 
 
