@@ -82,7 +82,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     grad_clip: float = 1.0  # max global gradient norm
     teacher_forcing: float = 1.0  # <1: scheduled sampling (uses the step loop)
-    patience: int = 5  # early stopping: epochs without validation improvement
+    patience: int = 5  # early stopping: epochs improving neither val loss nor the selection metric
     seed: int = 42  # seeds data order, init and dropout
     threads: int = 0  # torch CPU threads; 0 = all cores
     amp: str = "auto"  # auto | bf16 | fp16 | off: autocast dtype (auto: bf16 where supported)

@@ -247,7 +247,8 @@ class Progress:
     best_epoch: int = -1
     best_loss: float = float("inf")  # validation loss of the best epoch
     best_chrf: float = -1.0  # validation chrF of the best epoch (train.select = chrf)
-    bad_epochs: int = 0  # epochs since the best (early stopping)
+    bad_epochs: int = 0  # epochs in a row that improved neither the selection score nor the val loss
+    min_loss: float = float("inf")  # lowest validation loss so far (any epoch)
     train_seconds: float = 0.0
 
 
@@ -505,10 +506,12 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
             score = -row["val_chrf"] if t_cfg.select == "chrf" else val_loss
             improved = score < progress.best_val
             if improved:
-                progress.best_val, progress.best_epoch, progress.bad_epochs = score, progress.epoch + 1, 0
+                progress.best_val, progress.best_epoch = score, progress.epoch + 1
                 progress.best_loss, progress.best_chrf = val_loss, row.get("val_chrf", -1.0)
-            else:
-                progress.bad_epochs += 1
+            # Early stopping waits while either figure improves: chrF of greedy replies is noisy in the
+            # first epochs (a lucky early peak must not stop a run whose loss is still falling).
+            progress.bad_epochs = 0 if improved or val_loss < progress.min_loss else progress.bad_epochs + 1
+            progress.min_loss = min(progress.min_loss, val_loss)
             if epoch_done:
                 progress.epoch += 1
                 progress.batch = 0
