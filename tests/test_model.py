@@ -120,3 +120,20 @@ def test_label_embedding_changes_the_output():
 def test_config_rejects_unknown_attention():
     with pytest.raises(ValueError, match="attention"):
         ModelConfig(attention="luong")
+
+
+@pytest.mark.parametrize("rnn", ["gru", "lstm"])
+def test_unpadded_batches_skip_packing_with_the_same_result(rnn):
+    """One message (nothing padded) runs the RNN on the plain tensor; a padded copy goes through
+    pack_padded_sequence: outputs and final states agree."""
+    model = tiny(rnn=rnn)
+    src = torch.randint(4, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([6, 6])
+    padded = torch.cat([src, torch.full((2, 3), PAD_ID)], dim=1)  # packed path: lengths < width
+    with torch.no_grad():
+        out, final = model.encoder(src, lengths)
+        out_p, final_p = model.encoder(padded, lengths)
+    torch.testing.assert_close(out, out_p[:, :6])
+    assert (out_p[:, 6:] == 0).all()
+    for a, b in zip(final if rnn == "lstm" else [final], final_p if rnn == "lstm" else [final_p]):
+        torch.testing.assert_close(a, b)
