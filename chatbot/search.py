@@ -165,25 +165,26 @@ def decode_steps(model: Seq2Seq, memory: Memory, opts: DecodeOptions,
 
 
 def _collect(steps: Iterator[Step], src_len: Tensor, has_attention: bool) -> list[Hypothesis]:
-    """Turn a batch's steps into one :class:`Hypothesis` per source."""
+    """Turn a batch's steps into one :class:`Hypothesis` per source (one host copy per field)."""
     all_steps = list(steps)
+    tokens = torch.stack([s.tokens for s in all_steps], 1).cpu().numpy()  # (B, T)
+    done = torch.stack([s.done for s in all_steps], 1).cpu().numpy()  # (B, T)
+    logprob = torch.stack([s.logprob for s in all_steps], 1).double().cpu().numpy()  # (B, T)
+    topk_ids = torch.stack([s.topk_ids for s in all_steps], 1).cpu().numpy()  # (B, T, k)
+    topk_probs = torch.stack([s.topk_probs for s in all_steps], 1).float().cpu().numpy()  # (B, T, k)
+    attention = (torch.stack([s.attention for s in all_steps], 1).float().cpu().numpy()  # (B, T, S)
+                 if has_attention else None)
     hyps = []
     for b in range(src_len.size(0)):
-        live = [s for s in all_steps if not bool(s.done[b])]
-        finished = bool(live) and int(live[-1].tokens[b]) == EOS_ID
+        live = np.flatnonzero(~done[b])  # steps this sequence took (a finished one stops at its </s>)
+        finished = live.size > 0 and int(tokens[b, live[-1]]) == EOS_ID
         body = live[:-1] if finished else live  # the </s> step adds to the score, not to the reply
         S = int(src_len[b])
-        k = all_steps[0].topk_ids.size(1)
+        score = float(logprob[b, live].sum())
         hyps.append(Hypothesis(
-            tokens=[int(s.tokens[b]) for s in body],
-            score=float(sum(float(s.logprob[b]) for s in live)),
-            norm_score=float(sum(float(s.logprob[b]) for s in live)),
-            attention=(np.stack([s.attention[b, :S].float().cpu().numpy() for s in body]) if body
-                       else np.zeros((0, S), np.float32)) if has_attention else None,
-            topk_ids=np.stack([s.topk_ids[b].cpu().numpy() for s in body]) if body else np.zeros((0, k), np.int64),
-            topk_probs=(np.stack([s.topk_probs[b].float().cpu().numpy() for s in body]) if body
-                        else np.zeros((0, k), np.float32)),
-            finished=finished))
+            tokens=tokens[b, body].tolist(), score=score, norm_score=score,
+            attention=attention[b, body, :S] if attention is not None else None,
+            topk_ids=topk_ids[b, body], topk_probs=topk_probs[b, body], finished=finished))
     return hyps
 
 
