@@ -139,6 +139,7 @@ def decode_steps(model: Seq2Seq, memory: Memory, opts: DecodeOptions,
     done = torch.zeros(B, dtype=torch.bool, device=device)
     state = memory.state
     sampling = opts.strategy == "sample"
+    keep_history = opts.no_repeat_ngram > 0 or opts.repetition_penalty != 1.0  # only score rewriting reads it
     for t in range(opts.max_len + 1):  # the last step may only end the reply
         logits, attn, state = model.step(prev, state, memory)
         logits = rewrite_scores(logits, history, t, opts)
@@ -156,11 +157,12 @@ def decode_steps(model: Seq2Seq, memory: Memory, opts: DecodeOptions,
         else:  # the top candidate is the greedy choice
             token = topk_ids[:, 0].masked_fill(done, PAD_ID)
             logprob = topk_probs[:, 0].log()
-        yield Step(token, attn, topk_ids, topk_probs, logprob, done.clone())
-        done |= token == EOS_ID
+        yield Step(token, attn, topk_ids, topk_probs, logprob, done)
+        done = done | (token == EOS_ID)  # a new tensor: the yielded one stays as it was
         if bool(done.all()):
             return
-        history = torch.cat([history, token.unsqueeze(1)], dim=1)
+        if keep_history:
+            history = torch.cat([history, token.unsqueeze(1)], dim=1)
         prev = token.masked_fill(done, EOS_ID)
 
 
