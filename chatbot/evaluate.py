@@ -103,6 +103,18 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     ref_fig = {k: v for k, v in text_metrics(answers, answers).items()
                if k in ("distinct_1", "distinct_2", "unique_reply_rate")}
     lengths = [len(bot.tokenizer.encode(q)[: cfg.max_source_len]) for q in questions]
+    # Many answers recur across questions: where the reference is also a training answer, a lookup can
+    # return it verbatim; where it is new, nobody can. Scoring the two groups apart shows where chrF comes from.
+    train_answers = set(splits["train"]["A"])
+    seen = [a in train_answers for a in answers]
+    by_seen = {}
+    for name, keep in (("answer_in_train", True), ("answer_new", False)):
+        idx = [i for i, x in enumerate(seen) if x == keep]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        by_seen[name] = {"pairs": len(idx),
+                         "model_chrf": round(text_metrics(pick(replies), pick(answers))["chrf"], 3) if idx else None,
+                         "retrieval_chrf": round(text_metrics(pick(base_replies), pick(answers))["chrf"], 3)
+                         if idx else None}
     return {
         "checkpoint": str(bot.path), "attention": bot.config.model.attention, "int8": bot.quantized,
         "data": str(data_path), "split": split, "pairs": len(questions),
@@ -110,6 +122,7 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
         "model": {k: round(v, 4) for k, v in model_fig.items()},
         "retrieval_baseline": {k: round(v, 4) for k, v in base_fig.items()},
         "references": {k: round(v, 4) for k, v in ref_fig.items()},
+        "chrf_by_answer_seen": by_seen,
         "chrf_by_source_length": {"model": chrf_by_length(lengths, replies, answers),
                                   "retrieval_baseline": chrf_by_length(lengths, base_replies, answers)},
         "examples": [{"q": q, "reference": a, "model": r, "retrieval": b}

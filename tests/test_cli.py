@@ -50,6 +50,9 @@ def test_evaluate_prints_model_and_baseline_figures(tiny_checkpoint, tiny_corpus
     assert result["split"] == "test" and result["pairs"] > 0
     assert 1 < result["model"]["perplexity"] < 400
     assert "| chrf |" in p.stderr
+    seen = result["chrf_by_answer_seen"]  # test pairs whose answer is / is not also a training answer
+    assert seen["answer_in_train"]["pairs"] + seen["answer_new"]["pairs"] == result["pairs"]
+    assert all(g["model_chrf"] is None or 0 <= g["model_chrf"] <= 100 for g in seen.values())
 
 
 def test_corrupt_checkpoint_exits_non_zero_without_a_traceback(tiny_checkpoint, tmp_path):
