@@ -251,6 +251,22 @@ class Progress:
     min_loss: float = float("inf")  # lowest validation loss so far (any epoch)
     train_seconds: float = 0.0
 
+    def record(self, val_loss: float, val_chrf: float | None, select: str) -> bool:
+        """Book this epoch's validation figures; True if it is the new best (by ``select``).
+
+        Early stopping (``bad_epochs``) waits while either figure improves: the chrF of greedy
+        replies is noisy in the first epochs, and a lucky early peak must not stop a run whose
+        loss is still falling (nor a flat loss stop a run whose replies still improve).
+        """
+        score = -float(val_chrf) if select == "chrf" else val_loss
+        improved = score < self.best_val
+        if improved:
+            self.best_val, self.best_epoch = score, self.epoch + 1
+            self.best_loss, self.best_chrf = val_loss, -1.0 if val_chrf is None else float(val_chrf)
+        self.bad_epochs = 0 if improved or val_loss < self.min_loss else self.bad_epochs + 1
+        self.min_loss = min(self.min_loss, val_loss)
+        return improved
+
 
 def _save_state(path: Path, optimizer, scheduler, progress: Progress) -> None:
     """Write the resume state to ``path`` (the caller puts it inside the atomic checkpoint save)."""
@@ -503,15 +519,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                 + f"  {row['tokens_per_s']:,.0f} tok/s")
             for q, r in samples:
                 log(f"    Q: {q}\n    A: {r}")
-            score = -row["val_chrf"] if t_cfg.select == "chrf" else val_loss
-            improved = score < progress.best_val
-            if improved:
-                progress.best_val, progress.best_epoch = score, progress.epoch + 1
-                progress.best_loss, progress.best_chrf = val_loss, row.get("val_chrf", -1.0)
-            # Early stopping waits while either figure improves: chrF of greedy replies is noisy in the
-            # first epochs (a lucky early peak must not stop a run whose loss is still falling).
-            progress.bad_epochs = 0 if improved or val_loss < progress.min_loss else progress.bad_epochs + 1
-            progress.min_loss = min(progress.min_loss, val_loss)
+            improved = progress.record(val_loss, row.get("val_chrf"), t_cfg.select)
             if epoch_done:
                 progress.epoch += 1
                 progress.batch = 0

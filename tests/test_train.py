@@ -132,3 +132,26 @@ def test_selecting_by_chrf_keeps_the_epoch_with_the_best_validation_chrf(tiny_co
 def test_bad_regularisation_settings_are_rejected(key, value):
     with pytest.raises(ValueError, match=key.split(".")[1]):
         load_config(ROOT / "configs" / "tiny.yaml", {key: value})
+
+
+def test_early_stopping_counts_epochs_that_improve_neither_loss_nor_the_selection_metric():
+    from chatbot.train import Progress
+
+    p = Progress()
+    # (val loss, val chrF): a lucky chrF peak at epoch 2, then the loss keeps falling while chrF lags
+    history = [(5.0, 1.0), (4.6, 7.5), (4.2, 6.0), (3.9, 6.2), (3.7, 6.4), (3.6, 7.0), (3.6, 8.0), (3.7, 7.9),
+               (3.65, 7.7)]
+    best, bad = [], []
+    for epoch, (loss, chrf) in enumerate(history):
+        p.epoch = epoch
+        best.append(p.record(loss, chrf, "chrf"))
+        bad.append(p.bad_epochs)
+    assert best == [True, True, False, False, False, False, True, False, False]
+    assert bad == [0, 0, 0, 0, 0, 0, 0, 1, 2]  # loss improvements kept it going past the early peak
+    assert (p.best_epoch, p.best_chrf, p.best_loss, p.min_loss) == (7, 8.0, 3.6, 3.6)
+
+    q = Progress()
+    for epoch, loss in enumerate([3.0, 2.9, 2.95, 2.97]):
+        q.epoch = epoch
+        q.record(loss, None, "loss")
+    assert (q.best_epoch, q.best_loss, q.bad_epochs) == (2, 2.9, 2)
