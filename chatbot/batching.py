@@ -30,12 +30,10 @@ def encode_source(tokenizer: Tokenizer, text: str, max_len: int, sample_alpha: f
 
 
 def encode_pairs(tokenizer: Tokenizer, questions: Iterable[str], answers: Iterable[str],
-                 labels: Iterable[int], max_source_len: int, max_target_len: int,
-                 sample_alpha: float = 0.0) -> EncodedPairs:
-    """Question ids (segmentation sampled when ``sample_alpha > 0``) and answer ids + ``</s>``."""
+                 labels: Iterable[int], max_source_len: int, max_target_len: int) -> EncodedPairs:
     src, tgt = [], []
     for q, a in zip(questions, answers):
-        s = encode_source(tokenizer, q, max_source_len, sample_alpha) or [EOS_ID]  # never an empty source
+        s = encode_source(tokenizer, q, max_source_len) or [EOS_ID]  # never an empty source
         src.append(s)
         tgt.append(tokenizer.encode(a)[: max_target_len - 1] + [EOS_ID])
     return EncodedPairs(src, tgt, [int(x) for x in labels])

@@ -110,11 +110,10 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     by_seen = {}
     for name, keep in (("answer_in_train", True), ("answer_new", False)):
         idx = [i for i, x in enumerate(seen) if x == keep]
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        by_seen[name] = {"pairs": len(idx),
-                         "model_chrf": round(text_metrics(pick(replies), pick(answers))["chrf"], 3) if idx else None,
-                         "retrieval_chrf": round(text_metrics(pick(base_replies), pick(answers))["chrf"], 3)
-                         if idx else None}
+        refs = [[answers[i] for i in idx]]
+        def chrf(hyps: list[str]) -> float | None:
+            return round(sacrebleu.corpus_chrf([hyps[i] for i in idx], refs).score, 3) if idx else None
+        by_seen[name] = {"pairs": len(idx), "model_chrf": chrf(replies), "retrieval_chrf": chrf(base_replies)}
     return {
         "checkpoint": str(bot.path), "attention": bot.config.model.attention, "int8": bot.quantized,
         "data": str(data_path), "split": split, "pairs": len(questions),

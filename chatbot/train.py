@@ -212,14 +212,8 @@ def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], m
 def validation_chrf(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], answers: list[str],
                     max_source_len: int, device: torch.device, batch_size: int = 128) -> float:
     """chrF of greedy replies to the validation questions (the figure ``evaluate`` reports on test)."""
-    model.eval()
-    replies = []
-    with torch.inference_mode():
-        for i in range(0, len(questions), batch_size):
-            src = [encode_source(tokenizer, q, max_source_len) or [EOS_ID] for q in questions[i: i + batch_size]]
-            hyps = greedy(model, pad(src).to(device), torch.tensor([len(s) for s in src]).to(device),
-                          DecodeOptions(max_len=48))
-            replies += [tokenizer.decode(h.tokens) for h in hyps]
+    replies = [r for i in range(0, len(questions), batch_size)
+               for _, r in sample_replies(model, tokenizer, questions[i: i + batch_size], max_source_len, device)]
     return sacrebleu.corpus_chrf(replies, [answers]).score
 
 
