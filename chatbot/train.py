@@ -448,6 +448,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
 
     val_questions = list(val_df["Q"][: t_cfg.samples])
     train_questions = list(train_df["Q"])
+    val_all = (list(val_df["Q"]), list(val_df["A"]))  # validation_chrf's questions and references
     stop = False
     try:
         while progress.epoch < t_cfg.epochs and not stop:
@@ -500,8 +501,8 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                    "tokens_per_s": tok_epoch / max(1e-9, time.time() - t_epoch),
                    "lr": scheduler.get_last_lr()[0], "elapsed_s": progress.train_seconds}
             if t_cfg.select == "chrf":
-                chrf = [validation_chrf(model, tokenizer, list(val_df["Q"]), list(val_df["A"]),
-                                        cfg.data.max_source_len, device) if ddp.main else 0.0]
+                chrf = [validation_chrf(model, tokenizer, *val_all, cfg.data.max_source_len, device)
+                        if ddp.main else 0.0]
                 if ddp.enabled:  # every rank must take the same early-stopping decision
                     dist.broadcast_object_list(chrf, src=0)
                 row["val_chrf"] = chrf[0]
