@@ -39,7 +39,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ModelConfig, TokenizerConfig, load_config
 from .model import build_model, count_parameters
 from .text import Tokenizer
-from .train import autocast_dtype, make_optimizer, pick_device, set_threads, train_step
+from .train import autocast_dtype, keep_freed_memory, make_optimizer, pick_device, set_threads, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPICAL_MESSAGES = ["안녕", "오늘 너무 힘들었어", "점심 뭐 먹지", "헤어진 지 한 달 됐어", "좋아하는 사람이 생겼어",
@@ -307,6 +307,8 @@ def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads:
     plan = PLANS[mode]
     set_threads(threads)
     device = pick_device(device_name)
+    if device.type == "cpu":
+        keep_freed_memory()  # as training does; both the naive reference and ours run under it
     cfg = load_config(ROOT / "configs" / ("tiny.yaml" if mode == "smoke" else "default.yaml"))
     cfg.model.dropout = load_config(ROOT / "configs" / "default.yaml").model.dropout if mode != "smoke" else 0.1
     if mode == "smoke":

