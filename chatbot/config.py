@@ -61,6 +61,9 @@ class ModelConfig:
     dropout: float = 0.2  # dropout on embeddings and RNN outputs
     tie_embeddings: bool = True  # output layer shares the decoder embedding matrix
     num_labels: int = 0  # >0: a label embedding is added to the encoder input
+    char_dim: int = 0  # >0: each question piece also gets the mean of its characters' embeddings (this size), projected and added
+    char_vocab_size: int = 0  # character ids (set from the tokenizer when char_dim > 0)
+    max_piece_chars: int = 8  # characters kept per piece for char_dim
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TYPES:

@@ -58,12 +58,36 @@ def _rnn(kind: str, *args, **kwargs) -> nn.RNNBase:
     return (nn.GRU if kind == "gru" else nn.LSTM)(*args, batch_first=True, **kwargs)
 
 
+class CharacterBag(nn.Module):
+    """A piece's characters as a bag: the mean of their embeddings, projected to the embedding size.
+
+    fastText's subword vectors (Bojanowski et al., 2017) turned around: pieces that share Hangul
+    syllables ("헤어졌", "헤어진") share part of their input vector, so the encoder can relate
+    questions that sentencepiece cut differently. ``piece_chars`` (V, K) holds each piece's
+    character ids (0 = none; from :meth:`Tokenizer.character_table`), saved with the weights.
+    """
+
+    def __init__(self, vocab_size: int, char_vocab_size: int, max_chars: int, char_dim: int, out_dim: int):
+        super().__init__()
+        self.register_buffer("piece_chars", torch.zeros(vocab_size, max_chars, dtype=torch.int16))
+        self.embedding = nn.Embedding(char_vocab_size, char_dim, padding_idx=0)
+        self.proj = nn.Linear(char_dim, out_dim, bias=False)
+
+    def forward(self, src: Tensor) -> Tensor:
+        """src (B, S) piece ids -> (B, S, E)."""
+        chars = self.piece_chars[src].int()  # (B, S, K)
+        count = (chars != 0).sum(-1, keepdim=True).clamp(min=1)  # (B, S, 1)
+        return self.proj(self.embedding(chars).sum(2) / count)  # (B, S, D) -> (B, S, E)
+
+
 class Encoder(nn.Module):
-    """Embedding -> bidirectional RNN over packed sequences -> outputs (B, S, H)."""
+    """Embedding (+ character bag) -> bidirectional RNN over packed sequences -> outputs (B, S, H)."""
 
     def __init__(self, cfg: ModelConfig, embedding: nn.Embedding):
         super().__init__()
         self.embedding = embedding
+        self.char_bag = (CharacterBag(cfg.vocab_size, cfg.char_vocab_size, cfg.max_piece_chars, cfg.char_dim,
+                                      cfg.emb_dim) if cfg.char_dim > 0 else None)
         self.label_embedding = nn.Embedding(cfg.num_labels, cfg.emb_dim) if cfg.num_labels > 0 else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.rnn = _rnn(cfg.rnn, cfg.emb_dim, cfg.hidden_dim // 2, num_layers=cfg.enc_layers,
@@ -71,6 +95,8 @@ class Encoder(nn.Module):
 
     def forward(self, src: Tensor, src_len: Tensor, label: Tensor | None = None) -> tuple[Tensor, State]:
         x = self.embedding(src)  # (B, S, E)
+        if self.char_bag is not None:
+            x = x + self.char_bag(src)
         if self.label_embedding is not None and label is not None:
             x = x + self.label_embedding(label).unsqueeze(1)
         x = self.dropout(x)
@@ -129,6 +155,11 @@ class Seq2Seq(nn.Module):
         with torch.no_grad():
             self.embedding.weight[PAD_ID].zero_()
         nn.init.zeros_(self.out.bias)
+        if self.encoder.char_bag is not None:
+            bag = self.encoder.char_bag.embedding
+            nn.init.normal_(bag.weight, std=bag.embedding_dim ** -0.5)
+            with torch.no_grad():
+                bag.weight[0].zero_()
 
     # ------------------------------------------------------------------ encoder
     def encode(self, src: Tensor, src_len: Tensor, label: Tensor | None = None) -> Memory:

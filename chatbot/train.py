@@ -419,10 +419,15 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
             tokenizer = Tokenizer.from_bytes(proto[0], morphemes=cfg.tokenizer.morphemes)
         log(f"tokenizer: {tokenizer.vocab_size} pieces in {time.time() - t0:.1f} s")
         cfg.model.vocab_size = tokenizer.vocab_size
+        char_table = None
+        if cfg.model.char_dim:
+            char_table, cfg.model.char_vocab_size = tokenizer.character_table(cfg.model.max_piece_chars)
         if cfg.model.num_labels:
             cfg.model.num_labels = max(cfg.model.num_labels, int(corpus.pairs["label"].max()) + 1)
         seed_everything(t_cfg.seed)
         model = build_model(cfg.model).to(device)
+        if char_table is not None:
+            model.encoder.char_bag.piece_chars.copy_(torch.from_numpy(char_table))
         if ddp.main:
             metrics_path.unlink(missing_ok=True)
     if ddp.enabled:

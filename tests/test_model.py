@@ -137,3 +137,33 @@ def test_unpadded_batches_skip_packing_with_the_same_result(rnn):
     assert (out_p[:, 6:] == 0).all()
     for a, b in zip(final if rnn == "lstm" else [final], final_p if rnn == "lstm" else [final_p]):
         torch.testing.assert_close(a, b)
+
+
+def test_character_bag_relates_pieces_that_share_characters(tiny_checkpoint):
+    """The piece -> characters table, and the encoder input it adds (zero for <pad>/<unk>)."""
+    from chatbot.checkpoint import load_checkpoint
+
+    tok = load_checkpoint(tiny_checkpoint).tokenizer
+    table, n_chars = tok.character_table(4)
+    assert table.shape == (tok.vocab_size, 4) and table.dtype.name == "int16"
+    assert not table[:4].any()  # special pieces have no characters
+    for i in range(4, tok.vocab_size):
+        piece = tok.display_pieces([i])[0]
+        assert int((table[i] != 0).sum()) == min(4, len(piece)) or piece == "·"
+    assert 1 < n_chars and table.max() == n_chars - 1
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, emb_dim=8, hidden_dim=12, dropout=0.0, char_dim=6,
+                      char_vocab_size=n_chars, max_piece_chars=4)
+    model = build_model(cfg).eval()
+    bag = model.encoder.char_bag
+    bag.piece_chars.copy_(torch.from_numpy(table))
+    a, b = 10, 11
+    ids = torch.tensor([[a, b, PAD_ID, 1]])
+    with torch.no_grad():
+        out = bag(ids)  # (1, 4, E)
+    assert out.shape == (1, 4, 8)
+    assert float(out[0, 2:].abs().sum()) == 0.0  # <pad> and <unk> have no characters
+    chars_a = set(table[a][table[a] != 0].tolist())
+    with torch.no_grad():
+        expected_a = bag.proj(bag.embedding.weight[sorted(chars_a)].mean(0)) if chars_a else torch.zeros(8)
+    torch.testing.assert_close(out[0, 0], expected_a)

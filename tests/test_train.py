@@ -155,3 +155,18 @@ def test_early_stopping_counts_epochs_that_improve_neither_loss_nor_the_selectio
         q.epoch = epoch
         q.record(loss, None, "loss")
     assert (q.best_epoch, q.best_loss, q.bad_epochs) == (2, 2.9, 2)
+
+
+def test_character_bag_trains_saves_and_reloads(tiny_corpus_csv, tmp_path):
+    from chatbot.inference import ChatBot
+
+    best = train_tiny(tiny_corpus_csv, tmp_path / "run", **{"model.char_dim": "8", "model.max_piece_chars": "4"})
+    ck = load_checkpoint(best)
+    assert ck.config.model.char_dim == 8 and ck.config.model.char_vocab_size > 1
+    table, n = ck.tokenizer.character_table(4)
+    assert n == ck.config.model.char_vocab_size
+    assert torch.equal(ck.model.encoder.char_bag.piece_chars, torch.from_numpy(table))  # saved with the weights
+    weights = load_file(best / "model.safetensors")
+    assert weights["encoder.char_bag.piece_chars"].dtype == torch.int16
+    r = ChatBot.from_checkpoint(best, device="cpu").reply("안녕 반가워")
+    assert r.attention is not None and r.attention.shape == (len(r.reply_tokens), len(r.source_tokens))
