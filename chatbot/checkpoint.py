@@ -232,7 +232,9 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
     lines = [
         "# Korean attention seq2seq chatbot",
         "",
-        f"- Architecture: embedding {m.emb_dim} -> bidirectional {m.rnn.upper()} encoder "
+        f"- Architecture: embedding {m.emb_dim}"
+        f"{f' (+ a {m.char_dim}-wide bag of each question piece’s characters)' if m.char_dim else ''}"
+        f" -> bidirectional {m.rnn.upper()} encoder "
         f"({m.enc_layers} layer(s), {m.hidden_dim // 2} per direction) -> {m.rnn.upper()} decoder "
         f"({m.dec_layers} layer(s), {m.hidden_dim}) with `{m.attention}` attention"
         f"{', tied output embedding' if m.tie_embeddings else ''}.",
@@ -244,8 +246,11 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
     ]
     if "best_val_loss" in meta:
         chrf = f" (chrF {meta['best_val_chrf']:.1f}, the selection metric)" if "best_val_chrf" in meta else ""
+        autocast = meta.get("autocast")
+        precision = f" with {autocast.replace('torch.', '')} autocast" if autocast not in (None, "None") else ""
         lines.append(f"- Best epoch {meta.get('best_epoch')}: validation loss {meta['best_val_loss']:.4f}{chrf}; "
-                     f"trained {meta.get('steps')} steps in {meta.get('train_seconds', 0):.0f} s on {meta.get('device')}.")
+                     f"trained {meta.get('steps')} steps in {meta.get('train_seconds', 0):.0f} s on "
+                     f"{meta.get('device')}{precision}.")
     if meta.get("command"):
         lines += ["", "Made with:", "", f"    {meta['command']}"]
     if meta.get("evaluation"):
