@@ -222,7 +222,7 @@ def rewrite_card(path: str | Path, evaluation: str) -> Path:
     """Re-save a checkpoint with ``evaluation`` (Markdown) in its model card; weights unchanged."""
     path = resolve(path)
     ck = load_checkpoint(path)
-    dtype = {t.dtype for t in load_file(str(path / WEIGHTS)).values()}
+    dtype = {t.dtype for t in load_file(str(path / WEIGHTS)).values() if t.is_floating_point()}
     return save_checkpoint(path, ck.model, ck.tokenizer, ck.config, meta={**ck.meta, "evaluation": evaluation},
                            metrics_path=path / METRICS, dtype=torch.float16 if dtype == {torch.float16} else None)
 

@@ -72,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"model.rnn must be one of {RNN_TYPES}, got {self.rnn!r}")
         if self.hidden_dim % 2:
             raise ValueError("model.hidden_dim must be even (the bidirectional encoder splits it)")
+        if self.char_dim < 0 or self.max_piece_chars < 1:
+            raise ValueError("model.char_dim must be >= 0 (0 = off) and model.max_piece_chars >= 1")
 
 
 @dataclass

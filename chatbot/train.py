@@ -423,7 +423,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
         log(f"tokenizer: {tokenizer.vocab_size} pieces in {time.time() - t0:.1f} s")
         cfg.model.vocab_size = tokenizer.vocab_size
         char_table = None
-        if cfg.model.char_dim:
+        if cfg.model.char_dim > 0:
             char_table, cfg.model.char_vocab_size = tokenizer.character_table(cfg.model.max_piece_chars)
         if cfg.model.num_labels:
             cfg.model.num_labels = max(cfg.model.num_labels, int(corpus.pairs["label"].max()) + 1)
@@ -436,8 +436,10 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     if ddp.enabled:
         if not ddp.main:  # DDP broadcasts rank 0's weights; each rank draws its own dropout masks
             torch.manual_seed(t_cfg.seed + 1_000_003 * ddp.rank)
+        # No buffer broadcasts: the only buffer is the character table (int16, which gloo and nccl cannot
+        # send), built by every rank from the same tokenizer.
         train_model: torch.nn.Module = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     else:
         train_model = model
 
@@ -456,6 +458,9 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t_cfg.warmup_steps, total_steps, t_cfg.min_lr_ratio))
     progress = _load_state(last_dir, optimizer, scheduler, saved_state) if resume else Progress()
+    fused = optimizer.defaults.get("fused")
+    for group in optimizer.param_groups:  # a state saved by an unfused optimizer would switch fusing off
+        group["fused"] = fused
     if resume and ddp.enabled and not ddp.main:  # train_state.pt holds rank 0's RNG only
         torch.manual_seed(t_cfg.seed + 1_000_003 * ddp.rank + progress.step)
 

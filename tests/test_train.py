@@ -168,5 +168,9 @@ def test_character_bag_trains_saves_and_reloads(tiny_corpus_csv, tmp_path):
     assert torch.equal(ck.model.encoder.char_bag.piece_chars, torch.from_numpy(table))  # saved with the weights
     weights = load_file(best / "model.safetensors")
     assert weights["encoder.char_bag.piece_chars"].dtype == torch.int16
+    from chatbot.checkpoint import rewrite_card
+
+    rewrite_card(best, "| metric | model |")  # evaluate --write-card keeps fp16 weights beside the int16 table
+    assert {t.dtype for t in load_file(best / "model.safetensors").values()} == {torch.float16, torch.int16}
     r = ChatBot.from_checkpoint(best, device="cpu").reply("안녕 반가워")
     assert r.attention is not None and r.attention.shape == (len(r.reply_tokens), len(r.source_tokens))
