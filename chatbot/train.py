@@ -406,7 +406,9 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
             raise TrainingError(f"--resume: no resumable state in {last_dir} (train without --resume first)")
         saved_state = _read_state(last_dir)  # fail fast, before the tokenizer and model are built
         saved_cfg, _ = read_config(last_dir)
+        # What may change on resume: how long to go on (and so continue a run that early stopping ended).
         saved_cfg.train.max_steps, saved_cfg.train.epochs = t_cfg.max_steps, t_cfg.epochs
+        saved_cfg.train.patience = t_cfg.patience
         cfg = saved_cfg
         t_cfg = cfg.train
         ck = load_checkpoint(last_dir, device)

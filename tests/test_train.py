@@ -54,6 +54,18 @@ def test_resume_is_exact(tiny_corpus_csv, tmp_path, extra):
     assert json.loads(state["progress"])["step"] == 14
 
 
+def test_resume_with_more_patience_continues_a_run_that_early_stopping_ended(tiny_corpus_csv, tmp_path):
+    """patience 0 stops after the first epoch; --resume with --train.patience 10 runs the remaining epochs."""
+    train_tiny(tiny_corpus_csv, tmp_path, **{"train.epochs": "3", "train.patience": "0"})
+    epochs = lambda: [r["epoch"] for r in read_metrics(tmp_path) if "val_loss" in r]  # noqa: E731
+    assert epochs() == [1]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv), "train.out_dir": str(tmp_path),
+                                                       "train.epochs": "3", "train.patience": "10"})
+    train(cfg, resume=True, log=lambda s: None)
+    assert epochs() == [1, 2, 3]
+    assert json.loads((tmp_path / "last" / "config.json").read_text())["config"]["train"]["patience"] == 10
+
+
 def test_resume_without_state_is_a_clear_error(tiny_corpus_csv, tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv),
                                                        "train.out_dir": str(tmp_path)})
