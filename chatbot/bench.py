@@ -97,7 +97,7 @@ def fresh_checkpoint(cfg: Config, folder: Path, small: bool = False) -> Path:
     tokenizer = Tokenizer.train(corpus, cfg.tokenizer, num_threads=1)
     cfg.model.vocab_size = tokenizer.vocab_size
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, tokenizer)
     return save_checkpoint(folder, model, tokenizer, cfg, meta={"note": "untrained (benchmark)"},
                            dtype=torch.float16)
 

@@ -232,8 +232,16 @@ class Seq2Seq(nn.Module):
         return torch.stack(logits_steps, 1), weights
 
 
-def build_model(cfg: ModelConfig) -> Seq2Seq:
-    return Seq2Seq(cfg)
+def build_model(cfg: ModelConfig, tokenizer=None) -> Seq2Seq:
+    """The model for ``cfg``. With a ``tokenizer`` (a new model, not a checkpoint being loaded) and
+    ``cfg.char_dim > 0``, the character bag's table comes from it and ``cfg.char_vocab_size`` is set."""
+    table = None
+    if tokenizer is not None and cfg.char_dim > 0:
+        table, cfg.char_vocab_size = tokenizer.character_table(cfg.max_piece_chars)
+    model = Seq2Seq(cfg)
+    if table is not None:
+        model.encoder.char_bag.piece_chars.copy_(torch.from_numpy(table))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

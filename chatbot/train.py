@@ -335,7 +335,10 @@ def _load_state(dirpath: Path, optimizer, scheduler, state: dict[str, Any] | Non
     """Restore optimiser, scheduler and RNGs from ``state`` (read from ``dirpath`` if not given)."""
     state = _read_state(dirpath) if state is None else state
     try:
+        fused = optimizer.defaults.get("fused")
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # a state saved by an unfused optimizer would switch fusing off
+            group["fused"] = fused
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -424,15 +427,10 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
             tokenizer = Tokenizer.from_bytes(proto[0], morphemes=cfg.tokenizer.morphemes)
         log(f"tokenizer: {tokenizer.vocab_size} pieces in {time.time() - t0:.1f} s")
         cfg.model.vocab_size = tokenizer.vocab_size
-        char_table = None
-        if cfg.model.char_dim > 0:
-            char_table, cfg.model.char_vocab_size = tokenizer.character_table(cfg.model.max_piece_chars)
         if cfg.model.num_labels:
             cfg.model.num_labels = max(cfg.model.num_labels, int(corpus.pairs["label"].max()) + 1)
         seed_everything(t_cfg.seed)
-        model = build_model(cfg.model).to(device)
-        if char_table is not None:
-            model.encoder.char_bag.piece_chars.copy_(torch.from_numpy(char_table))
+        model = build_model(cfg.model, tokenizer).to(device)
         if ddp.main:
             metrics_path.unlink(missing_ok=True)
     if ddp.enabled:
@@ -460,9 +458,6 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t_cfg.warmup_steps, total_steps, t_cfg.min_lr_ratio))
     progress = _load_state(last_dir, optimizer, scheduler, saved_state) if resume else Progress()
-    fused = optimizer.defaults.get("fused")
-    for group in optimizer.param_groups:  # a state saved by an unfused optimizer would switch fusing off
-        group["fused"] = fused
     if resume and ddp.enabled and not ddp.main:  # train_state.pt holds rank 0's RNG only
         torch.manual_seed(t_cfg.seed + 1_000_003 * ddp.rank + progress.step)
 

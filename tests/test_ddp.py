@@ -37,14 +37,9 @@ def single_process_on_union_batches(cfg, csv, tokenizer) -> dict[str, torch.Tens
     pairs = encode_pairs(tokenizer, train_df["Q"], train_df["A"], train_df["label"],
                          cfg.data.max_source_len, cfg.data.max_target_len)
     cfg.model.vocab_size = tokenizer.vocab_size
-    table = None
-    if cfg.model.char_dim > 0:
-        table, cfg.model.char_vocab_size = tokenizer.character_table(cfg.model.max_piece_chars)
     t = cfg.train
     seed_everything(t.seed)
-    model = build_model(cfg.model).train()
-    if table is not None:
-        model.encoder.char_bag.piece_chars.copy_(torch.from_numpy(table))
+    model = build_model(cfg.model, tokenizer).train()
     per_rank = len(batch_order(pairs, t.batch_size, t.seed, 0, rank=0, world_size=2))
     optimizer = make_optimizer(model, t.lr, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, EPOCHS * per_rank,
