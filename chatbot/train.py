@@ -43,7 +43,7 @@ from .batching import Batch, EncodedPairs, batch_order, collate, encode_pairs, e
 from .checkpoint import MANIFEST, load_checkpoint, read_config, resolve, save_checkpoint, sha256
 from .config import EOS_ID, PAD_ID, UNK_ID, Config, default_data_path
 from .data import load_corpus, split_corpus
-from .losses import corpus_cross_entropy, sequence_loss
+from .losses import corpus_cross_entropy, linear_cross_entropy
 from .model import Seq2Seq, build_model, count_parameters
 from .search import DecodeOptions, greedy
 from .text import Tokenizer
@@ -205,9 +205,11 @@ def train_step(model: torch.nn.Module, b: Batch, optimizer: torch.optim.Optimize
     positions = b.tgt_out != PAD_ID  # (B, T)
     device_type = b.src.device.type
     with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits, _ = model(b.src, b.src_len, b.tgt_in, b.label, teacher_forcing=teacher_forcing,
-                          positions=positions)  # (N, V)
-    loss_sum = sequence_loss(logits, b.tgt_out[positions], label_smoothing, reduction="sum")
+        x, _ = model(b.src, b.src_len, b.tgt_in, b.label, teacher_forcing=teacher_forcing,
+                     positions=positions, features=True)  # (N, E)
+    out = (model.module if isinstance(model, DistributedDataParallel) else model).out
+    loss_sum = linear_cross_entropy(x, out.weight, out.bias, b.tgt_out[positions], label_smoothing,
+                                    dtype=amp or torch.float32)
     stats = torch.stack([loss_sum.detach().double(), positions.sum().double()])  # (2,)
     world = 1
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

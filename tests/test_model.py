@@ -64,8 +64,8 @@ def test_whole_sequence_decoder_equals_step_loop(attention):
     model = tiny(attention)
     src, src_len, tgt_in = make_batch()
     logits, weights = model(src, src_len, tgt_in)
-    loop_logits, loop_weights = model._step_loop(tgt_in, model.encode(src, src_len), 1.0)
-    torch.testing.assert_close(logits, loop_logits, atol=1e-5, rtol=1e-5)
+    loop_features, loop_weights = model._step_loop(tgt_in, model.encode(src, src_len), 1.0)
+    torch.testing.assert_close(logits, model.out(loop_features), atol=1e-5, rtol=1e-5)
     if weights is not None:
         torch.testing.assert_close(weights, loop_weights, atol=1e-6, rtol=1e-5)
 
