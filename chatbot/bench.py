@@ -50,8 +50,9 @@ TYPICAL_MESSAGES = ["안녕", "오늘 너무 힘들었어", "점심 뭐 먹지",
 class Plan:
     """How much of each measurement to do."""
 
-    train_steps: int  # timed steps of our training step
-    naive_steps: int  # timed steps of the naive reference
+    train_steps: int  # timed steps of our training step (all rounds together)
+    naive_steps: int  # timed steps of the naive reference (all rounds together)
+    rounds: int  # ours and naive take turns this many times, so a slow spell of a shared host hits both
     reply_reps: int  # replies timed per strategy
     batched: int  # messages per batched call
     pairs: int  # synthetic training pairs
@@ -59,9 +60,9 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(train_steps=30, naive_steps=6, reply_reps=60, batched=64, pairs=4096, peak_reps=10),
-    "quick": Plan(train_steps=10, naive_steps=2, reply_reps=20, batched=32, pairs=1024, peak_reps=4),
-    "smoke": Plan(train_steps=2, naive_steps=1, reply_reps=2, batched=4, pairs=64, peak_reps=1),
+    "full": Plan(train_steps=60, naive_steps=12, rounds=6, reply_reps=60, batched=64, pairs=4096, peak_reps=10),
+    "quick": Plan(train_steps=24, naive_steps=6, rounds=3, reply_reps=20, batched=32, pairs=1024, peak_reps=4),
+    "smoke": Plan(train_steps=2, naive_steps=1, rounds=1, reply_reps=2, batched=4, pairs=64, peak_reps=1),
 }
 
 
@@ -167,53 +168,54 @@ def _timed(fn: Callable[[], Any], reps: int, device: torch.device, warmup: int =
 
 
 def bench_training(cfg: Config, plan: Plan, device: torch.device) -> dict[str, Any]:
+    """Our training step and the naive reference on the same batches, in ``plan.rounds`` alternating
+    turns (step i of either one trains on batch i), so both see the same data and the same host."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.naive_seq2seq import NaiveSeq2Seq, naive_train_step
+
     m_cfg = cfg.model
     pairs = synthetic_pairs(plan.pairs, m_cfg.vocab_size, max_len=cfg.data.max_target_len)
     order = batch_order(pairs, cfg.train.batch_size, seed=0, epoch=0)
     batches = [collate(pairs, idx) for idx in order if len(idx) == cfg.train.batch_size]
+    dev_batches = [b.to(device) for b in batches]
     amp = autocast_dtype(cfg.train.amp, device)
 
     torch.manual_seed(0)
     model = build_model(m_cfg).to(device).train()
     optimizer = make_optimizer(model, 1e-4, cfg.train.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    it = iter(range(10 ** 9))
-    dev_batches = [b.to(device) for b in batches]
+    torch.manual_seed(0)  # the tutorial reference, fp32 as the tutorials run it
+    naive = NaiveSeq2Seq(m_cfg.vocab_size, m_cfg.emb_dim, m_cfg.hidden_dim, m_cfg.dropout,
+                         cfg.data.max_target_len).to(device)
+    naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-4)
 
-    def ours() -> None:
-        train_step(model, dev_batches[next(it) % len(dev_batches)], optimizer, scaler, amp=amp,
+    def ours(i: int) -> None:
+        train_step(model, dev_batches[i % len(dev_batches)], optimizer, scaler, amp=amp,
                    label_smoothing=cfg.train.label_smoothing, grad_clip=cfg.train.grad_clip)
 
-    ours_t = _timed(ours, plan.train_steps, device, warmup=2)
-    used = [dev_batches[i % len(dev_batches)] for i in range(2, 2 + plan.train_steps)]
-    tokens = sum(b.num_target_tokens for b in used)
-    flops = sum(training_flops(m_cfg, b) for b in used)
-    del model, optimizer
+    def tutorial(i: int) -> None:
+        b = dev_batches[i % len(dev_batches)]
+        naive_train_step(naive, naive_opt, b.src, b.tgt_out)
 
-    naive = _naive(cfg, batches, plan, device)
-    return {"ours_s": sum(ours_t), "ours_tokens": tokens, "ours_flops": flops, **naive,
-            "batch_size": cfg.train.batch_size, "amp": str(amp)}
-
-
-def _naive(cfg: Config, batches: list[Batch], plan: Plan, device: torch.device) -> dict[str, Any]:
-    """The tutorial reference on the same batches (CPU or CUDA, fp32 as the tutorials run it)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from benchmarks.naive_seq2seq import NaiveSeq2Seq, naive_train_step
-
-    m = cfg.model
-    torch.manual_seed(0)
-    model = NaiveSeq2Seq(m.vocab_size, m.emb_dim, m.hidden_dim, m.dropout, cfg.data.max_target_len).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    it = iter(range(10 ** 9))
-
-    def step() -> None:
-        b = batches[next(it) % len(batches)]
-        naive_train_step(model, optimizer, b.src.to(device), b.tgt_out.to(device))
-
-    times = _timed(step, plan.naive_steps, device, warmup=1)
-    used = [batches[i % len(batches)] for i in range(1, 1 + plan.naive_steps)]
-    return {"naive_s": sum(times), "naive_tokens": sum(b.num_target_tokens for b in used)}
+    ours(0), ours(1), tutorial(0)  # warm-up
+    stats = {"ours_s": 0.0, "ours_tokens": 0, "ours_flops": 0.0, "naive_s": 0.0, "naive_tokens": 0}
+    steps = {"ours": 2, "naive": 1}
+    for r in range(plan.rounds):
+        for name, fn, total in (("ours", ours, plan.train_steps), ("naive", tutorial, plan.naive_steps)):
+            n = total // plan.rounds + (1 if r < total % plan.rounds else 0)
+            for _ in range(n):
+                i = steps[name]
+                _sync(device)
+                t = time.perf_counter()
+                fn(i)
+                _sync(device)
+                stats[f"{name}_s"] += time.perf_counter() - t
+                stats[f"{name}_tokens"] += batches[i % len(batches)].num_target_tokens
+                if name == "ours":
+                    stats["ours_flops"] += training_flops(m_cfg, batches[i % len(batches)])
+                steps[name] += 1
+    return {**stats, "batch_size": cfg.train.batch_size, "amp": str(amp), "rounds": plan.rounds}
 
 
 # ---------------------------------------------------------------- replies and app
@@ -365,6 +367,7 @@ def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads:
         "reply_max_len": max_len,
         "batched_size": rep["batched_size"],
         "batch_size": tr["batch_size"],
+        "train_rounds": tr["rounds"],
         "naive_max_len": cfg.data.max_target_len,
         "model": {"emb_dim": cfg.model.emb_dim, "hidden_dim": cfg.model.hidden_dim,
                   "vocab_size": cfg.model.vocab_size, "attention": cfg.model.attention, "rnn": cfg.model.rnn},
