@@ -90,10 +90,16 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     ce = corpus_cross_entropy(bot.model, encode_pairs(bot.tokenizer, questions, answers, labels,
                                                       cfg.max_source_len, cfg.max_target_len), bot.device)
     t0 = time.time()
-    replies: list[str] = []
+    replies = [""] * len(questions)
     step = 1 if decoding.get("strategy") == "beam" else batch_size
-    for i in range(0, len(questions), step):
-        replies += [r.text for r in bot.reply_batch(questions[i: i + step], **decoding)]
+    # A model with a label embedding (model.num_labels > 0) reads each question's corpus label.
+    groups = ({int(lab): [i for i, x in enumerate(labels) if x == lab] for lab in sorted(set(labels))}
+              if bot.config.model.num_labels else {None: list(range(len(questions)))})
+    for lab, idx in groups.items():
+        for j in range(0, len(idx), step):
+            chunk = idx[j: j + step]
+            for i, r in zip(chunk, bot.reply_batch([questions[i] for i in chunk], label=lab, **decoding)):
+                replies[i] = r.text
     seconds = time.time() - t0
 
     baseline = RetrievalBaseline(list(splits["train"]["Q"]), list(splits["train"]["A"]))
@@ -116,6 +122,7 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
         by_seen[name] = {"pairs": len(idx), "model_chrf": chrf(replies), "retrieval_chrf": chrf(base_replies)}
     return {
         "checkpoint": str(bot.path), "attention": bot.config.model.attention, "int8": bot.quantized,
+        "reads_labels": bool(bot.config.model.num_labels),
         "data": str(data_path), "split": split, "pairs": len(questions),
         "decoding": decoding or {"strategy": "greedy"}, "decode_seconds": round(seconds, 2),
         "model": {k: round(v, 4) for k, v in model_fig.items()},

@@ -230,21 +230,26 @@ def train_step(model: torch.nn.Module, b: Batch, optimizer: torch.optim.Optimize
 
 # ---------------------------------------------------------------- evaluation during training
 def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], max_source_len: int,
-                   device: torch.device) -> list[tuple[str, str]]:
+                   device: torch.device, labels: list[int] | None = None) -> list[tuple[str, str]]:
+    """Greedy replies; ``labels`` (one per question) go to a model with a label embedding."""
     if not questions:
         return []
     model.eval()
     src = [tokenizer.encode(q)[:max_source_len] or [EOS_ID] for q in questions]
+    label = (torch.tensor(labels, dtype=torch.long, device=device)
+             if labels is not None and model.cfg.num_labels > 0 else None)
     hyps = greedy(model, pad(src).to(device), torch.tensor([len(s) for s in src]).to(device),
-                  DecodeOptions(max_len=40))
+                  DecodeOptions(max_len=40), label)
     return [(q, tokenizer.decode(h.tokens)) for q, h in zip(questions, hyps)]
 
 
 def validation_chrf(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], answers: list[str],
-                    max_source_len: int, device: torch.device, batch_size: int = 128) -> float:
+                    max_source_len: int, device: torch.device, batch_size: int = 128,
+                    labels: list[int] | None = None) -> float:
     """chrF of greedy replies to the validation questions (the figure ``evaluate`` reports on test)."""
     replies = [r for i in range(0, len(questions), batch_size)
-               for _, r in sample_replies(model, tokenizer, questions[i: i + batch_size], max_source_len, device)]
+               for _, r in sample_replies(model, tokenizer, questions[i: i + batch_size], max_source_len, device,
+                                          None if labels is None else labels[i: i + batch_size])]
     return sacrebleu.corpus_chrf(replies, [answers]).score
 
 
@@ -489,6 +494,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     val_questions = list(val_df["Q"][: t_cfg.samples])
     train_questions = list(train_df["Q"])
     val_all = (list(val_df["Q"]), list(val_df["A"]))  # validation_chrf's questions and references
+    val_labels = [int(x) for x in val_df["label"]] if cfg.model.num_labels else None  # the model reads them
     stop = False
     try:
         while progress.epoch < t_cfg.epochs and not stop:
@@ -541,13 +547,14 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                    "tokens_per_s": tok_epoch / max(1e-9, time.time() - t_epoch),
                    "lr": scheduler.get_last_lr()[0], "elapsed_s": progress.train_seconds}
             if t_cfg.select == "chrf":
-                chrf = [validation_chrf(model, tokenizer, *val_all, cfg.data.max_source_len, device)
-                        if ddp.main else 0.0]
+                chrf = [validation_chrf(model, tokenizer, *val_all, cfg.data.max_source_len, device,
+                                        labels=val_labels) if ddp.main else 0.0]
                 if ddp.enabled:  # every rank must take the same early-stopping decision
                     dist.broadcast_object_list(chrf, src=0)
                 row["val_chrf"] = chrf[0]
             samples = sample_replies(model, tokenizer, val_questions if ddp.main else [],
-                                     cfg.data.max_source_len, device)
+                                     cfg.data.max_source_len, device,
+                                     val_labels[: len(val_questions)] if val_labels else None)
             row["samples"] = [{"q": q, "reply": r} for q, r in samples]
             log(f"epoch {progress.epoch + 1}: train {row['train_loss']:.3f}  val {val_loss:.3f} "
                 f"(ppl {row['val_ppl']:.1f})" + (f"  chrF {row['val_chrf']:.1f}" if "val_chrf" in row else "")

@@ -186,3 +186,33 @@ def test_character_bag_trains_saves_and_reloads(tiny_corpus_csv, tmp_path):
     assert {t.dtype for t in load_file(best / "model.safetensors").values()} == {torch.float16, torch.int16}
     r = ChatBot.from_checkpoint(best, device="cpu").reply("안녕 반가워")
     assert r.attention is not None and r.attention.shape == (len(r.reply_tokens), len(r.source_tokens))
+
+
+def test_a_label_model_reads_each_questions_label_in_validation_and_evaluate(tiny_corpus_csv, tmp_path):
+    """model.num_labels > 0: the corpus label is an input, so validation chrF and `evaluate` pass each
+    question's own label (not label 0 for all), and the replies are the ones ChatBot gives for that label."""
+    from chatbot.data import load_corpus, split_corpus
+    from chatbot.evaluate import evaluate
+    from chatbot.inference import ChatBot
+    from chatbot.train import sample_replies
+
+    best = train_tiny(tiny_corpus_csv, tmp_path / "run", **{"model.num_labels": "3", "train.select": "chrf",
+                                                            "train.epochs": "3"})
+    bot = ChatBot.from_checkpoint(best, device="cpu")
+    assert bot.config.model.num_labels == 3
+    result = evaluate(bot, str(tiny_corpus_csv))
+    assert result["reads_labels"] is True
+    test = split_corpus(load_corpus(str(tiny_corpus_csv), verbose=False).pairs, bot.config.data.val_fraction,
+                        bot.config.data.test_fraction)["test"]
+    label_of = dict(zip(test["Q"], test["label"]))
+    assert len({label_of[e["q"]] for e in result["examples"]}) > 1  # the sample covers several labels
+    for e in result["examples"]:
+        assert e["model"] == bot.reply(e["q"], label=int(label_of[e["q"]])).text
+
+    model = bot.model
+    with torch.no_grad():
+        model.encoder.label_embedding.weight.mul_(50)  # make the label dominate the tiny model's input
+    questions = list(test["Q"][:6])
+    by_label = [sample_replies(model, bot.tokenizer, questions, 48, torch.device("cpu"), [lab] * 6)
+                for lab in range(3)]
+    assert len({tuple(r for _, r in replies) for replies in by_label}) > 1
