@@ -198,10 +198,6 @@ class Seq2Seq(nn.Module):
             x = x[positions]  # (N, 2H): the vocabulary projection is most of the FLOPs; skip padding
         return self.dropout(torch.tanh(self.combine(x)))
 
-    def _output(self, h: Tensor, context: Tensor | None, positions: Tensor | None = None) -> Tensor:
-        """Logits (B, T, V), or (N, V) for ``positions``."""
-        return self.out(self._features(h, context, positions))
-
     def step(self, prev: Tensor, state: State, memory: Memory) -> tuple[Tensor, Tensor | None, State]:
         """One decoder step. prev (B,) previous tokens -> logits (B, V), attention (B, S) or None, state."""
         features, weights, state = self._step_features(prev, state, memory)
