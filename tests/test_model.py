@@ -117,6 +117,16 @@ def test_label_embedding_changes_the_output():
     assert not torch.allclose(a, b)
 
 
+def test_label_vectors_start_at_the_scale_of_piece_vectors():
+    """The label is added to every piece's embedding: at nn.Embedding's N(0, 1) it would drown them."""
+    cfg = ModelConfig(vocab_size=8000, emb_dim=256, hidden_dim=64, num_labels=3)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    piece_norm = model.embedding.weight[4:].norm(dim=1).mean()
+    label_norm = model.encoder.label_embedding.weight.norm(dim=1).mean()
+    assert 0.5 < float(label_norm / piece_norm) < 2.0
+
+
 def test_config_rejects_unknown_attention():
     with pytest.raises(ValueError, match="attention"):
         ModelConfig(attention="luong")
