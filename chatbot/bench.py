@@ -205,15 +205,15 @@ def bench_training(cfg: Config, plan: Plan, device: torch.device) -> dict[str, A
         for name, fn, total in (("ours", ours, plan.train_steps), ("naive", tutorial, plan.naive_steps)):
             n = total // plan.rounds + (1 if r < total % plan.rounds else 0)
             for _ in range(n):
-                i = steps[name]
+                i, b = steps[name], batches[steps[name] % len(batches)]
                 _sync(device)
                 t = time.perf_counter()
                 fn(i)
                 _sync(device)
                 stats[f"{name}_s"] += time.perf_counter() - t
-                stats[f"{name}_tokens"] += batches[i % len(batches)].num_target_tokens
+                stats[f"{name}_tokens"] += b.num_target_tokens
                 if name == "ours":
-                    stats["ours_flops"] += training_flops(m_cfg, batches[i % len(batches)])
+                    stats["ours_flops"] += training_flops(m_cfg, b)
                 steps[name] += 1
     return {**stats, "batch_size": cfg.train.batch_size, "amp": str(amp), "rounds": plan.rounds}
 

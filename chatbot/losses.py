@@ -23,12 +23,19 @@ def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     logp = torch.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1, dtype=torch.float32)  # (N, V)
     target = target.reshape(-1)  # (N,)
-    real = target != PAD_ID
-    loss = F.nll_loss(logp, target, ignore_index=PAD_ID, reduction="none")  # (N,), 0 on padding
-    if label_smoothing > 0:  # PyTorch's definition: (1 - ε)·NLL + ε·mean over the vocabulary of -log p
-        loss = (1 - label_smoothing) * loss - label_smoothing * logp.mean(-1).masked_fill(~real, 0.0)
-    total = loss.sum()
-    return total if reduction == "sum" else total / real.sum().clamp(min=1)
+    total = _token_losses(logp, target, label_smoothing).sum()
+    return total if reduction == "sum" else total / (target != PAD_ID).sum().clamp(min=1)
+
+
+def _token_losses(logp: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy per row from log-probabilities logp (N, V) and target (N,): (N,), 0 on padding.
+
+    PyTorch's label smoothing: (1 - ε)·NLL + ε·mean over the vocabulary of -log p.
+    """
+    loss = F.nll_loss(logp, target, ignore_index=PAD_ID, reduction="none")
+    if label_smoothing > 0:
+        loss = (1 - label_smoothing) * loss - label_smoothing * logp.mean(-1).masked_fill(target == PAD_ID, 0.0)
+    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -53,12 +60,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             logp = torch.log_softmax(F.linear(xc[s:e], w, b), dim=-1, dtype=torch.float32)  # (C, V)
+            total += _token_losses(logp, target[s:e], eps).sum()
             t = target[s:e, None]  # (C, 1)
             real = (t != PAD_ID).float()  # (C, 1)
-            rows = -logp.gather(1, t)  # (C, 1) NLL
-            if eps > 0:
-                rows = (1 - eps) * rows - eps * logp.mean(-1, keepdim=True)
-            total += (rows * real).sum()
             p = logp.exp_()  # softmax, in place
             if eps > 0:
                 p.sub_(eps / vocab)

@@ -231,13 +231,12 @@ def train_step(model: torch.nn.Module, b: Batch, optimizer: torch.optim.Optimize
 # ---------------------------------------------------------------- evaluation during training
 def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], max_source_len: int,
                    device: torch.device, labels: list[int] | None = None) -> list[tuple[str, str]]:
-    """Greedy replies; ``labels`` (one per question) go to a model with a label embedding."""
+    """Greedy replies; ``labels`` (one per question) are read by a model with a label embedding."""
     if not questions:
         return []
     model.eval()
     src = [tokenizer.encode(q)[:max_source_len] or [EOS_ID] for q in questions]
-    label = (torch.tensor(labels, dtype=torch.long, device=device)
-             if labels is not None and model.cfg.num_labels > 0 else None)
+    label = None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
     hyps = greedy(model, pad(src).to(device), torch.tensor([len(s) for s in src]).to(device),
                   DecodeOptions(max_len=40), label)
     return [(q, tokenizer.decode(h.tokens)) for q, h in zip(questions, hyps)]
