@@ -7,6 +7,7 @@ A checkpoint is a folder::
     tokenizer.model     the sentencepiece model
     metrics.jsonl       the training log (one JSON object per line), if any
     README.md           a short model card
+    topic.safetensors   the topic classifier, for models that read a topic (model.num_labels > 0)
     manifest.json       SHA-256 and size of every file above, verified at load
 
 Saving is atomic: the folder is written under a temporary name and swapped in, so a crash
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from .config import Config
 from .model import Seq2Seq, build_model
 from .text import Tokenizer
+from .topic import TOPIC_FILE, TopicClassifier
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS, CARD, MANIFEST = (
     "model.safetensors", "config.json", "tokenizer.model", "metrics.jsonl", "README.md", "manifest.json")
@@ -49,6 +51,7 @@ class Checkpoint:
     config: Config
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    topic: TopicClassifier | None = None  # predicts the topic label from a message (label models)
 
 
 def sha256(path: Path) -> str:
@@ -77,7 +80,7 @@ def _unique_state(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str
 def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, config: Config, *,
                     meta: dict[str, Any] | None = None, metrics_path: str | Path | None = None,
                     extra_files: dict[str, Path] | None = None, dtype: torch.dtype | None = None,
-                    card: str | None = None, warn_size: bool = True) -> Path:
+                    card: str | None = None, warn_size: bool = True, topic: TopicClassifier | None = None) -> Path:
     """Write a checkpoint folder atomically. ``dtype=torch.float16`` halves the weights file.
 
     ``warn_size``: log files over the 10 MB Spaces limit (off for training's resume state, never shipped)."""
@@ -94,6 +97,8 @@ def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, conf
         shutil.copyfile(metrics_path, tmp / METRICS)
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
+    if topic is not None:
+        topic.save(tmp / TOPIC_FILE)
     (tmp / CARD).write_text(card or model_card(config, meta), encoding="utf-8")
     manifest = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                 for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -194,7 +199,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         for k, v in state.items():
             expected[k].copy_(v.to(expected[k].dtype))
     model.to(device).eval()
-    return Checkpoint(model, tokenizer, config, meta, path)
+    topic = None
+    if (path / TOPIC_FILE).is_file():
+        try:
+            topic = TopicClassifier.load(path / TOPIC_FILE)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path / TOPIC_FILE} is not a readable topic classifier ({e})") from None
+        if topic.num_labels != config.model.num_labels:
+            raise CheckpointError(f"{path / TOPIC_FILE} predicts {topic.num_labels} topics but {path / CONFIG} "
+                                  f"says num_labels={config.model.num_labels}: the files come from different runs")
+    return Checkpoint(model, tokenizer, config, meta, path, topic)
 
 
 def _is_alias(sd: dict[str, torch.Tensor], key: str, state: dict[str, torch.Tensor]) -> bool:
@@ -218,13 +232,30 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def rewrite_card(path: str | Path, evaluation: str) -> Path:
-    """Re-save a checkpoint with ``evaluation`` (Markdown) in its model card; weights unchanged."""
+def _resave(path: str | Path, meta: dict[str, Any] | None = None, topic: TopicClassifier | None = None) -> Path:
+    """Re-save a checkpoint in place with new metadata and/or topic classifier; weights unchanged."""
     path = resolve(path)
     ck = load_checkpoint(path)
     dtype = {t.dtype for t in load_file(str(path / WEIGHTS)).values() if t.is_floating_point()}
-    return save_checkpoint(path, ck.model, ck.tokenizer, ck.config, meta={**ck.meta, "evaluation": evaluation},
-                           metrics_path=path / METRICS, dtype=torch.float16 if dtype == {torch.float16} else None)
+    return save_checkpoint(path, ck.model, ck.tokenizer, ck.config, meta={**ck.meta, **(meta or {})},
+                           metrics_path=path / METRICS, dtype=torch.float16 if dtype == {torch.float16} else None,
+                           topic=topic or ck.topic)
+
+
+def rewrite_card(path: str | Path, evaluation: str) -> Path:
+    """Re-save a checkpoint with ``evaluation`` (Markdown) in its model card; weights unchanged."""
+    return _resave(path, {"evaluation": evaluation})
+
+
+def add_topic_classifier(path: str | Path, topic: TopicClassifier, accuracy: dict[str, float] | None = None,
+                         command: str | None = None) -> Path:
+    """Add (or replace) the topic classifier of a checkpoint whose model reads a topic."""
+    config, _ = read_config(path)
+    if config.model.num_labels != topic.num_labels:
+        raise CheckpointError(f"{path}: the model reads {config.model.num_labels} topics (model.num_labels), "
+                              f"the classifier predicts {topic.num_labels}")
+    meta = {**({"topic_accuracy": accuracy} if accuracy else {}), **({"topic_command": command} if command else {})}
+    return _resave(path, meta, topic)
 
 
 def model_card(config: Config, meta: dict[str, Any]) -> str:
@@ -240,6 +271,10 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
         f"{', tied output embedding' if m.tie_embeddings else ''}.",
         f"- Parameters: {meta.get('parameters', '?'):,}" if isinstance(meta.get("parameters"), int)
         else "- Parameters: ?",
+        *([f"- Reads the question's topic (the corpus label, {m.num_labels} topics) as one more input vector; "
+           f"without one, a character n-gram classifier (`topic.safetensors`) predicts it from the message"
+           + (f" (agrees with the corpus label on {acc.get('val', 0):.1%} of validation questions)"
+              if isinstance(acc := meta.get('topic_accuracy'), dict) else "") + "."] if m.num_labels else []),
         f"- Tokenizer: sentencepiece {config.tokenizer.model_type}, {m.vocab_size} pieces"
         f"{', konlpy Okt morphemes first' if config.tokenizer.morphemes else ''}; NFC normalisation.",
         "- Corpus: ChatbotData (songys/Chatbot_data, MIT licence), split by unique question.",
@@ -251,8 +286,9 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
         lines.append(f"- Best epoch {meta.get('best_epoch')}: validation loss {meta['best_val_loss']:.4f}{chrf}; "
                      f"trained {meta.get('steps')} steps in {meta.get('train_seconds', 0):.0f} s on "
                      f"{meta.get('device')}{precision}.")
-    if meta.get("command"):
-        lines += ["", "Made with:", "", f"    {meta['command']}"]
+    commands = [meta[k] for k in ("command", "topic_command") if meta.get(k)]
+    if commands:
+        lines += ["", "Made with:", "", *(f"    {c}" for c in commands)]
     if meta.get("evaluation"):
         lines += ["", "## Evaluation", "", meta["evaluation"]]
     return "\n".join(lines) + "\n"

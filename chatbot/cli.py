@@ -79,8 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (overrides train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last exactly where it stopped")
 
+    p = sub.add_parser("topic", help="fit the topic classifier of a checkpoint that reads a topic",
+                       description="Fit the character n-gram topic classifier on the checkpoint's training split "
+                                   "and add it to the checkpoint (topic.safetensors): a model trained with "
+                                   "model.num_labels then answers messages without a given topic. `train` "
+                                   "does this itself; this command is for checkpoints trained before it did.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.num_labels > 0)")
+    p.add_argument("--data", default=None, help="corpus CSV (default: $CHATBOT_DATA or data/ChatbotData.csv)")
+
     p = sub.add_parser("reply", help="reply to each line of stdin, one line each")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped checkpoints/default)")
+    p.add_argument("--topic", type=int, default=None,
+                   help="topic label for a model that reads one (0 everyday, 1 breakup, 2 love; default: predicted)")
     p.add_argument("--json", action="store_true", help="one JSON object per line: reply, tokens and attention")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _decoding_args(p)
@@ -95,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table to stderr")
+    p.add_argument("--topics", default="predicted", choices=["predicted", "corpus"],
+                   help="for a model that reads a topic: predicted from each question as the demo does "
+                        "(default), or the corpus's own label")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _decoding_args(p)
 
@@ -180,6 +193,21 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         print(best)
         return 0
 
+    if args.command == "topic":
+        from .checkpoint import add_topic_classifier, read_config
+        from .config import default_data_path
+        from .data import load_corpus, split_corpus
+        from .topic import fit_on_splits
+        cfg, _ = read_config(args.checkpoint)
+        if not cfg.model.num_labels:
+            raise ValueError(f"{args.checkpoint} reads no topic (model.num_labels is 0): nothing to predict")
+        corpus = load_corpus(args.data or default_data_path(), verbose=False)
+        clf, acc = fit_on_splits(split_corpus(corpus.pairs, cfg.data.val_fraction, cfg.data.test_fraction),
+                                 cfg.model.num_labels)
+        add_topic_classifier(args.checkpoint, clf, acc, command="python -m chatbot " + shlex.join(argv))
+        print(json.dumps({"checkpoint": str(args.checkpoint), "topic_accuracy": acc}))
+        return 0
+
     if args.command == "bench":
         from pathlib import Path
 
@@ -216,12 +244,16 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         results = []
         for path in args.checkpoint or [None]:
             bot = ChatBot.from_checkpoint(path, device=args.device)
-            result = evaluate(bot, args.data or default_data_path(), args.split, args.limit, **decoding)
+            result = evaluate(bot, args.data or default_data_path(), args.split, args.limit, topics=args.topics,
+                              **decoding)
             if args.markdown:
                 print(f"{result['checkpoint']}:\n{markdown_table(result)}", file=sys.stderr)
             if args.write_card:
                 from .checkpoint import rewrite_card
-                rewrite_card(bot.path, f"Test split ({result['pairs']} pairs), decoding {result['decoding']}:\n\n"
+                topics = (f", topics {result['topics']} (classifier accuracy {result['topic_accuracy']:.1%})"
+                          if result.get("topic_accuracy") is not None else
+                          f", topics {result['topics']}" if result.get("topics") else "")
+                rewrite_card(bot.path, f"Test split ({result['pairs']} pairs), decoding {result['decoding']}{topics}:\n\n"
                              + markdown_table(result))
             results.append(result)
         if args.plot:
@@ -232,7 +264,7 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     bot = ChatBot.from_checkpoint(args.checkpoint, device=args.device)
     if args.command == "reply":
         for line in sys.stdin:
-            r = bot.reply(line.rstrip("\n"), **decoding)
+            r = bot.reply(line.rstrip("\n"), label=args.topic, **decoding)
             if args.json:
                 print(json.dumps(r.to_dict(), ensure_ascii=False), flush=True)
             else:

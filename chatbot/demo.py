@@ -60,6 +60,8 @@ def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
                     with gr.Column(scale=5):
                         model = gr.Dropdown(names, value=names[0], label="모델 checkpoint",
                                             visible=len(names) > 1, interactive=True)
+                        topic = gr.Radio(ui.topic_choices(list(bots.values())), value=ui.TOPIC_AUTO, label="주제 topic",
+                                         info=ui.TOPIC_HELP, visible=pick(names[0]).reads_topic, elem_id="topic")
                         chat = gr.Chatbot(label="대화 chat", height=440, render_markdown=False, sanitize_html=True,
                                           feedback_options=None, elem_id="chat", buttons=["copy"],
                                           placeholder="무엇이든 한국어로 말을 걸어 보세요. (Say something in Korean.)")
@@ -144,10 +146,15 @@ def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
         # Named parameters (not *args): the API page and gradio_client show these names.
         def _chat(message: str, history: list, session_turns: list, model: str, strategy: str, beam_size: float,
                   temperature: float, top_k: float, top_p: float, max_len: float, no_repeat_ngram: float,
-                  length_penalty: float, repetition_penalty: float):
+                  length_penalty: float, repetition_penalty: float, topic: str = ui.TOPIC_AUTO):
             decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
                                           length_penalty, repetition_penalty)
-            yield from ui.chat_stream(pick(model), message, history, session_turns, **decoding)
+            bot = pick(model)
+            yield from ui.chat_stream(bot, message, history, session_turns, ui.topic_label(topic, bot), **decoding)
+
+        def _pick_model(model: str):
+            bot = pick(model)
+            return gr.Radio(value=ui.TOPIC_AUTO, visible=bot.reads_topic)
 
         def _view(session_turns: list, index: Any = None, hyp: int = 0):
             v = ui.turn_view(session_turns, index, hyp)
@@ -174,10 +181,11 @@ def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
 
         def _reply(message: str, model: str, strategy: str, beam_size: float, temperature: float, top_k: float,
                    top_p: float, max_len: float, no_repeat_ngram: float, length_penalty: float,
-                   repetition_penalty: float) -> dict:
+                   repetition_penalty: float, topic: str = ui.TOPIC_AUTO) -> dict:
             decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
                                           length_penalty, repetition_penalty)
-            return ui.reply_json(pick(model), message, **decoding)
+            bot = pick(model)
+            return ui.reply_json(bot, message, ui.topic_label(topic, bot), **decoding)
 
         def _compare(message: str):
             return [x for pair in ui.compare(bots, message) for x in pair]
@@ -185,7 +193,7 @@ def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
         view_outputs = [heatmap, nbest, step, step_plot, status]
         stashed = gr.on([msg.submit, send.click], _stash, inputs=[msg], outputs=[msg, pending, send, stop],
                         api_name="stash", api_visibility="private", queue=False)
-        streaming = stashed.then(_chat, inputs=[pending, chat, turns, model, *controls],
+        streaming = stashed.then(_chat, inputs=[pending, chat, turns, model, *controls, topic],
                                  outputs=[chat, heatmap, turns], api_name="chat",
                                  show_progress="minimal")  # a full overlay would hide the growing heatmap
         streaming.then(_after, inputs=[turns], outputs=[turn_pick, hypothesis, *view_outputs, send, stop],
@@ -200,7 +208,9 @@ def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
                      api_name="select_hypothesis", api_visibility="private")
         step.input(_step, inputs=[turns, turn_pick, hypothesis, step], outputs=[step_plot],
                    api_name="inspect_step", api_visibility="private", trigger_mode="always_last")
-        api_btn.click(_reply, inputs=[api_msg, model, *controls], outputs=[api_out], api_name="reply")
+        api_btn.click(_reply, inputs=[api_msg, model, *controls, topic], outputs=[api_out], api_name="reply")
+        model.change(_pick_model, inputs=[model], outputs=[topic], api_name="pick_model", api_visibility="private",
+                     queue=False)
         gr.on([cmp_msg.submit, cmp_btn.click], _compare, inputs=[cmp_msg], outputs=cmp_outputs,
               api_name="compare")
     return demo

@@ -75,8 +75,15 @@ def chrf_by_length(lengths: Sequence[int], hypotheses: Sequence[str], references
 
 
 def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
-             batch_size: int = 64, **decoding: Any) -> dict[str, Any]:
-    """Evaluate ``bot`` on ``split`` of the corpus at ``data_path`` (the split the bot was trained with)."""
+             batch_size: int = 64, topics: str = "predicted", **decoding: Any) -> dict[str, Any]:
+    """Evaluate ``bot`` on ``split`` of the corpus at ``data_path`` (the split the bot was trained with).
+
+    ``topics``, for a model that reads a topic: ``"predicted"`` by its topic classifier from each
+    question, as the demo serves it, or ``"corpus"``: each question's own label (what a user who
+    picks the right topic gets). A checkpoint without a classifier is evaluated with the corpus's.
+    """
+    if topics not in ("predicted", "corpus"):
+        raise ValueError(f"topics must be 'predicted' or 'corpus', got {topics!r}")
     corpus = load_corpus(data_path, verbose=False)
     cfg = bot.config.data
     splits = split_corpus(corpus.pairs, cfg.val_fraction, cfg.test_fraction)
@@ -92,9 +99,12 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     t0 = time.time()
     replies = [""] * len(questions)
     step = 1 if decoding.get("strategy") == "beam" else batch_size
-    # A model with a label embedding (model.num_labels > 0) reads each question's corpus label.
+    # A model with a label embedding (model.num_labels > 0) reads a topic: the classifier's (label=None)
+    # or each question's corpus label.
+    reads = bool(bot.config.model.num_labels)
+    topics_used = None if not reads else "predicted" if topics == "predicted" and bot.topic is not None else "corpus"
     groups = ({int(lab): [i for i, x in enumerate(labels) if x == lab] for lab in sorted(set(labels))}
-              if bot.config.model.num_labels else {None: list(range(len(questions)))})
+              if topics_used == "corpus" else {None: list(range(len(questions)))})
     for lab, idx in groups.items():
         for j in range(0, len(idx), step):
             chunk = idx[j: j + step]
@@ -122,7 +132,8 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
         by_seen[name] = {"pairs": len(idx), "model_chrf": chrf(replies), "retrieval_chrf": chrf(base_replies)}
     return {
         "checkpoint": str(bot.path), "attention": bot.config.model.attention, "int8": bot.quantized,
-        "reads_labels": bool(bot.config.model.num_labels),
+        "reads_labels": reads, "topics": topics_used,
+        **({"topic_accuracy": round(bot.topic.accuracy(questions, labels), 4)} if reads and bot.topic else {}),
         "data": str(data_path), "split": split, "pairs": len(questions),
         "decoding": decoding or {"strategy": "greedy"}, "decode_seconds": round(seconds, 2),
         "model": {k: round(v, 4) for k, v in model_fig.items()},

@@ -24,6 +24,7 @@ from .config import EOS_ID
 from .model import count_parameters
 from .search import DecodeOptions, Hypothesis, beam_search, decode, decode_steps
 from .text import normalize
+from .topic import topic_name
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
 MAX_MESSAGE_CHARS = 500  # longer messages are cut before tokenising (bounded time for any input)
@@ -72,6 +73,9 @@ class Reply:
     n_best: list["Reply"] = field(default_factory=list)  # beam search: every returned hypothesis
     truncated: bool = False  # the message was cut to fit the encoder
     generated: bool = True  # False: the message was empty, the model was not run
+    topic: int | None = None  # the topic label the encoder read (models with model.num_labels > 0)
+    topic_probs: list[float] | None = None  # the topic classifier's probabilities, when it chose the topic
+    topic_name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: attention as nested lists of floats."""
@@ -84,6 +88,9 @@ class Reply:
             "truncated": self.truncated,
             "generated": self.generated,
             "n_best": [{"reply": h.text, "score": h.score} for h in self.n_best],
+            "topic": self.topic_name, "topic_id": self.topic,
+            "topic_source": None if self.topic is None else ("given" if self.topic_probs is None else "predicted"),
+            "topic_probs": None if self.topic_probs is None else [round(float(p), 4) for p in self.topic_probs],
         }
 
 
@@ -103,6 +110,7 @@ class ChatBot:
         self.config = checkpoint.config
         self.meta = checkpoint.meta
         self.path = checkpoint.path
+        self.topic = checkpoint.topic  # TopicClassifier or None
         self.device = torch.device(device)
         self.max_source_len = self.config.data.max_source_len
 
@@ -123,6 +131,16 @@ class ChatBot:
     @property
     def has_attention(self) -> bool:
         return self.model.attention is not None
+
+    @property
+    def reads_topic(self) -> bool:
+        """The encoder reads a topic label (model.num_labels > 0)."""
+        return self.config.model.num_labels > 0
+
+    @property
+    def topic_names(self) -> list[str]:
+        n = self.config.model.num_labels
+        return self.topic.names if self.topic is not None else [topic_name(i) for i in range(n)]
 
     @property
     def name(self) -> str:
@@ -150,13 +168,32 @@ class ChatBot:
             candidates=[self._candidates(i, p) for i, p in zip(h.topk_ids, h.topk_probs)],
             score=h.norm_score, truncated=truncated)
 
-    def _tensors(self, batch: list[list[int]], label: int | None):
+    def topics(self, texts: list[str], label: int | None = None) -> list[tuple[int, list[float] | None]] | None:
+        """The topic each message is answered under: ``label`` where given, else the topic classifier's
+        choice with its probabilities (label 0 for a checkpoint without one). None: the model reads no topic."""
+        n = self.config.model.num_labels
+        if not n:
+            return None
+        if label is not None:
+            if not 0 <= int(label) < n:
+                raise ValueError(f"topic label must be in 0..{n - 1} for this model, got {label}")
+            return [(int(label), None)] * len(texts)
+        if self.topic is None:
+            return [(0, None)] * len(texts)
+        probs = self.topic.predict_proba([t[:MAX_MESSAGE_CHARS] for t in texts])
+        return [(int(p.argmax()), [float(x) for x in p]) for p in probs]
+
+    def _tensors(self, batch: list[list[int]], topics: list[tuple[int, list[float] | None]] | None):
         src = pad(batch).to(self.device)
         src_len = torch.tensor([len(s) for s in batch], device=self.device)
-        lab = None
-        if self.config.model.num_labels:
-            lab = torch.full((len(batch),), label or 0, dtype=torch.long, device=self.device)
+        lab = None if topics is None else torch.tensor([t for t, _ in topics], dtype=torch.long, device=self.device)
         return src, src_len, lab
+
+    def _with_topic(self, reply: Reply, topic: tuple[int, list[float] | None] | None) -> Reply:
+        if topic is not None:
+            reply.topic, reply.topic_probs = topic
+            reply.topic_name = self.topic_names[topic[0]] if topic[0] < len(self.topic_names) else str(topic[0])
+        return reply
 
     @staticmethod
     def _empty() -> Reply:
@@ -164,7 +201,8 @@ class ChatBot:
 
     # ------------------------------------------------------------------ API
     def reply(self, text: str, label: int | None = None, **decoding: Any) -> Reply:
-        """Decode one message. ``decoding``: any :class:`DecodeOptions` field."""
+        """Decode one message. ``decoding``: any :class:`DecodeOptions` field. ``label``: the topic a
+        model with ``model.num_labels`` reads (None: predicted from the message; ignored by other models)."""
         return self.reply_batch([text], label=label, **decoding)[0]
 
     def reply_batch(self, texts: list[str], label: int | None = None, **decoding: Any) -> list[Reply]:
@@ -174,12 +212,13 @@ class ChatBot:
         out: list[Reply] = [self._empty() for _ in texts]
         if not live:
             return out
-        src, src_len, lab = self._tensors([encoded[i][0] for i in live], label)
+        topics = self.topics([texts[i] for i in live], label)
+        src, src_len, lab = self._tensors([encoded[i][0] for i in live], topics)
         with torch.inference_mode():
             results = decode(self.model, src, src_len, opts, lab)
-        for i, hyps in zip(live, results):
+        for k, (i, hyps) in enumerate(zip(live, results)):
             ids, cut = encoded[i]
-            replies = [self._to_reply(h, ids, cut) for h in hyps]
+            replies = [self._with_topic(self._to_reply(h, ids, cut), topics and topics[k]) for h in hyps]
             best = replies[0]
             if opts.strategy == "beam":
                 best.n_best = replies
@@ -193,19 +232,20 @@ class ChatBot:
         ids, cut = self._encode(text)
         if not ids:
             return
-        src, src_len, lab = self._tensors([ids], label)
+        topics = self.topics([text], label)
+        topic = topics[0] if topics else None
+        src, src_len, lab = self._tensors([ids], topics)
         source_tokens = self._pieces(ids)
         if opts.strategy == "beam":
             with torch.inference_mode():
                 hyps = beam_search(self.model, src, src_len, opts, lab)
-            full = self._to_reply(hyps[0], ids, cut)
-            full.n_best = [self._to_reply(h, ids, cut) for h in hyps]
+            full = self._with_topic(self._to_reply(hyps[0], ids, cut), topic)
+            full.n_best = [self._with_topic(self._to_reply(h, ids, cut), topic) for h in hyps]
             for t in range(len(full.reply_tokens)):
-                partial = Reply(self.tokenizer.decode(hyps[0].tokens[: t + 1]), source_tokens,
-                                full.reply_tokens[: t + 1],
-                                None if full.attention is None else full.attention[: t + 1],
-                                full.candidates[: t + 1], full.score, full.n_best if t + 1 == len(full.reply_tokens) else [],
-                                cut)
+                partial = self._with_topic(Reply(
+                    self.tokenizer.decode(hyps[0].tokens[: t + 1]), source_tokens, full.reply_tokens[: t + 1],
+                    None if full.attention is None else full.attention[: t + 1], full.candidates[: t + 1],
+                    full.score, full.n_best if t + 1 == len(full.reply_tokens) else [], cut), topic)
                 yield StreamStep(full.reply_tokens[t], None if full.attention is None else full.attention[t],
                                  full.candidates[t], partial)
             return
@@ -228,6 +268,6 @@ class ChatBot:
             if row is not None:
                 rows.append(row)
             cands.append(self._candidates(step.topk_ids[0].cpu().numpy(), step.topk_probs[0].float().cpu().numpy()))
-            partial = Reply(self.tokenizer.decode(tokens), source_tokens, list(pieces),
-                            np.stack(rows) if rows else None, list(cands), score, [], cut)
+            partial = self._with_topic(Reply(self.tokenizer.decode(tokens), source_tokens, list(pieces),
+                                             np.stack(rows) if rows else None, list(cands), score, [], cut), topic)
             yield StreamStep(partial.reply_tokens[-1], row, cands[-1], partial)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, EncodedPairs, batch_order, collate, encode_pairs, encode_source, pad
 from .checkpoint import MANIFEST, load_checkpoint, read_config, resolve, save_checkpoint, sha256
+from .topic import fit_on_splits
 from .config import EOS_ID, PAD_ID, UNK_ID, Config, default_data_path
 from .data import load_corpus, split_corpus
 from .losses import corpus_cross_entropy, linear_cross_entropy
@@ -449,6 +450,12 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
     else:
         train_model = model
 
+    topic, topic_acc = None, None
+    if cfg.model.num_labels and ddp.main:  # deterministic and ~2 s: fitted afresh on resume too
+        topic, topic_acc = fit_on_splits(splits, cfg.model.num_labels)
+        log(f"topic classifier: the corpus label of {topic_acc['val']:.1%} of validation questions "
+            f"({topic_acc['train']:.1%} of training questions)")
+
     enc = lambda df: encode_pairs(tokenizer, df["Q"], df["A"], df["label"],  # noqa: E731
                                   cfg.data.max_source_len, cfg.data.max_target_len)
     train_pairs, val_pairs = enc(train_df), enc(val_df)
@@ -473,7 +480,8 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                     **({"best_val_chrf": progress.best_chrf} if t_cfg.select == "chrf" else {}),
                     "train_seconds": progress.train_seconds, "device": str(device),
                     "autocast": str(amp), "command": command or "",
-                    **({"world_size": ddp.world_size} if ddp.enabled else {})}
+                    **({"world_size": ddp.world_size} if ddp.enabled else {}),
+                    **({"topic_accuracy": topic_acc} if topic_acc else {})}
 
     def save_last() -> None:
         # The resume state goes inside the atomic checkpoint save (and its manifest), so last/ always
@@ -482,7 +490,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
             state_file = out / (TRAIN_STATE + ".tmp")
             _save_state(state_file, optimizer, scheduler, progress)
             save_checkpoint(out / "last", model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path,
-                            extra_files={TRAIN_STATE: state_file}, warn_size=False)
+                            extra_files={TRAIN_STATE: state_file}, warn_size=False, topic=topic)
             state_file.unlink(missing_ok=True)
 
     def write_metrics(row: dict[str, Any]) -> None:
@@ -567,7 +575,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
             write_metrics(row)
             if improved and ddp.main:
                 save_checkpoint(best_dir, model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path,
-                                dtype=torch.float16)
+                                dtype=torch.float16, topic=topic)
             save_last()
             if progress.bad_epochs >= t_cfg.patience:
                 log(f"early stopping: no validation improvement for {t_cfg.patience} epochs")
@@ -589,12 +597,13 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
             dist.barrier()  # wait for rank 0's final writes before the group goes away
             return best_dir
     if not best_dir.exists():
-        save_checkpoint(best_dir, model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path, dtype=torch.float16)
+        save_checkpoint(best_dir, model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path, dtype=torch.float16,
+                        topic=topic)
     else:  # keep the best weights, refresh the metrics log beside them
         ck = load_checkpoint(best_dir)
         save_checkpoint(best_dir, ck.model, ck.tokenizer, ck.config, meta={**ck.meta, **{
             k: v for k, v in meta().items() if k.startswith("best_") or k == "selected_by"}},
-            metrics_path=metrics_path, dtype=torch.float16)
+            metrics_path=metrics_path, dtype=torch.float16, topic=topic)
     log(f"best checkpoint: {best_dir} (val loss {progress.best_loss:.4f}"
         + (f", val chrF {progress.best_chrf:.1f}" if t_cfg.select == "chrf" else "")
         + f", epoch {progress.best_epoch})")

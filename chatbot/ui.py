@@ -27,6 +27,9 @@ STRATEGY_CHOICES = [("탐욕 greedy", "greedy"), ("빔 beam", "beam"), ("샘플�
 TRUNCATED_NOTE = f"(메시지가 길어서 앞부분 {MAX_INPUT_CHARS}자까지만 읽었어요. / Message truncated.)"
 NO_ATTENTION_NOTE = "이 모델은 어텐션이 없어요 (no-attention baseline): 보여 줄 히트맵이 없습니다."
 NBEST_HEADERS = ["순위 rank", "답변 reply", "점수 score"]
+TOPIC_AUTO = "auto"  # the topic radio's value for "predict it from the message"
+TOPIC_HELP = ("이 모델은 질문과 함께 주제(말뭉치의 label)를 읽어요. 자동이면 메시지에서 예측합니다. "
+              "같은 메시지를 주제만 바꿔 보내 보세요. (This model reads a topic; auto predicts it.)")
 EMPTY_REPLY = Reply(EMPTY_PROMPT, [], [], None, generated=False)  # what ChatBot.reply gives for "", without the call
 
 
@@ -88,6 +91,33 @@ def decoding_kwargs(strategy: str = "greedy", beam_size: float = 5, temperature:
                 no_repeat_ngram=max(0, int(no_repeat_ngram or 0)),
                 length_penalty=float(length_penalty if length_penalty is not None else 1.0),
                 repetition_penalty=max(float(repetition_penalty or 1.0), 1e-3))
+
+
+def topic_choices(bots: ChatBot | Sequence[ChatBot]) -> list[tuple[str, str]]:
+    """The topic radio's (label, value) pairs: auto, then one per topic of the bot that reads the most
+    (one radio serves every loaded model; models that read none hide it)."""
+    bots = [bots] if isinstance(bots, ChatBot) else list(bots)
+    names = max((b.topic_names for b in bots if b.reads_topic), key=len, default=[])
+    return [("자동 auto", TOPIC_AUTO)] + [(name, str(i)) for i, name in enumerate(names)]
+
+
+def topic_label(value: Any, bot: ChatBot) -> int | None:
+    """The radio's value as the ``label`` for ``bot``: None (predict it) for auto, for anything that is
+    not one of its topics, and for a model that reads no topic."""
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        return None
+    return label if 0 <= label < bot.config.model.num_labels else None
+
+
+def topic_note(reply: Reply | None) -> str:
+    """One line on the topic the encoder read, e.g. "주제 topic: 이별 breakup (자동 예측 auto, 96 %)"."""
+    if reply is None or reply.topic is None:
+        return ""
+    if reply.topic_probs is None:
+        return f"주제 topic: **{literal(reply.topic_name)}** (선택 chosen)"
+    return f"주제 topic: **{literal(reply.topic_name)}** (자동 예측 auto, {max(reply.topic_probs):.0%})"
 
 
 # ---------------------------------------------------------------- figures
@@ -217,11 +247,12 @@ def _turn_reply(turns: Sequence[Turn] | None, index: Any) -> Reply | None:
 
 
 def chat_stream(bot: ChatBot, message: Any, history: Sequence[Any] | None, turns: Sequence[Turn] | None,
-                **decoding: Any) -> Iterator[tuple[list[dict[str, str]], go.Figure, list[Turn]]]:
+                label: int | None = None, **decoding: Any) -> Iterator[tuple[list[dict[str, str]], go.Figure, list[Turn]]]:
     """Stream one reply: yields (chat history, attention heatmap, turns) once per generated piece.
 
     An empty message yields a friendly prompt without running the model; an over-long one is cut
-    and the reply says so. The heatmap has one row per reply piece generated so far.
+    and the reply says so. The heatmap has one row per reply piece generated so far. ``label``:
+    the topic for a model that reads one (None: predicted from the message).
     """
     history = normalize_history(history)
     turns = list(turns or [])
@@ -234,12 +265,12 @@ def chat_stream(bot: ChatBot, message: Any, history: Sequence[Any] | None, turns
     history.append({"role": "assistant", "content": "…"})
     yield list(history), note_figure("생각하는 중… (thinking)"), turns
     reply: Reply | None = None
-    for step in bot.stream(text, **decoding):
+    for step in bot.stream(text, label=label, **decoding):
         reply = step.reply
         history[-1] = {"role": "assistant", "content": literal(reply.text)}
         yield list(history), reply_figure(reply), turns
     if reply is None:  # the model ended at once, or the message had no pieces ("\u200b")
-        reply = bot.reply(text, **decoding)
+        reply = bot.reply(text, label=label, **decoding)
         if not reply.generated:
             history[-1] = {"role": "assistant", "content": EMPTY_PROMPT}
             yield list(history), reply_figure(_turn_reply(turns, None)), turns
@@ -287,6 +318,8 @@ def turn_view(turns: Sequence[Turn] | None, index: Any = None, hypothesis: int =
         status += f" · {hypothesis + 1}번째 후보 hypothesis"
     if reply.attention is None:
         status += " · " + NO_ATTENTION_NOTE
+    if reply.topic is not None:
+        status += " · " + topic_note(reply)
     return TurnView(reply_figure(reply), nbest_rows(_turn_reply(turns, index)), max(1, len(reply.reply_tokens)),
                     step_figure(reply, len(reply.reply_tokens)), status)
 
@@ -299,10 +332,10 @@ def hypothesis_reply(turns: Sequence[Turn] | None, index: Any, hypothesis: int) 
 
 
 # ---------------------------------------------------------------- API, compare, about
-def reply_json(bot: ChatBot, message: Any, **decoding: Any) -> dict[str, Any]:
+def reply_json(bot: ChatBot, message: Any, label: int | None = None, **decoding: Any) -> dict[str, Any]:
     """The ``/reply`` endpoint: :meth:`Reply.to_dict` plus a note when the message was cut."""
     text, cut = clean_message(message)
-    reply = bot.reply(text, **decoding) if text.strip() else EMPTY_REPLY
+    reply = bot.reply(text, label=label, **decoding) if text.strip() else EMPTY_REPLY
     out = reply.to_dict()
     out["truncated"] = bool(cut or reply.truncated)
     out["generated"] = reply.generated
@@ -321,6 +354,8 @@ def compare(bots: dict[str, ChatBot], message: Any) -> list[tuple[str, go.Figure
             out.append((EMPTY_PROMPT, reply_figure(None)))
             continue
         note = f"\n\n{TRUNCATED_NOTE}" if (cut or reply.truncated) else ""
+        if reply.topic is not None:
+            note += f"\n\n({topic_note(reply).replace('**', '')})"
         out.append((reply.text + note, reply_figure(reply)))
     return out
 
@@ -336,7 +371,8 @@ def model_card(bot: ChatBot) -> str:
 def describe(bot: ChatBot, name: str | None = None) -> str:
     """One markdown line on a loaded checkpoint (``name``: how the demo calls it)."""
     m = bot.config.model
-    return f"**{literal(name or bot.name)}** · {m.rnn.upper()} {m.hidden_dim} · attention `{m.attention}`"
+    topic = " · 주제 입력 reads a topic" if m.num_labels else ""
+    return f"**{literal(name or bot.name)}** · {m.rnn.upper()} {m.hidden_dim} · attention `{m.attention}`{topic}"
 
 
 ATTENTION_EXPLAINED = r"""

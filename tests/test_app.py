@@ -92,6 +92,33 @@ def test_only_the_documented_endpoints_are_public(client):
     assert names == {"/chat", "/reply", "/compare"}
 
 
+@pytest.fixture(scope="module")
+def two_models(tiny_checkpoint, tiny_topic_checkpoint):
+    """A client of the demo serving a plain model (first) and one that reads a topic."""
+    from chatbot.demo import build_demo, launch
+    from chatbot.loadtest import client as loopback_client
+
+    bots = app.load_bots([tiny_checkpoint, tiny_topic_checkpoint], device="cpu")
+    demo = build_demo(bots)
+    _, url, _ = launch(demo, server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield loopback_client(url), bots
+    demo.close()
+
+
+def test_topic_parameter_of_reply_and_chat(two_models):
+    client, bots = two_models
+    plain, topical = bots
+    given = client.predict(MSG, model=topical, topic="2", api_name="/reply")
+    assert (given["topic_id"], given["topic_source"], given["topic_probs"]) == (2, "given", None)
+    assert given["reply"] == bots[topical].reply(MSG, label=2).text
+    auto = client.predict(MSG, model=topical, api_name="/reply")  # the default: predicted from the message
+    assert auto["topic_source"] == "predicted" and abs(sum(auto["topic_probs"]) - 1) < 1e-3
+    assert auto["topic_id"] == bots[topical].topic.predict([MSG])[0]
+    assert client.predict(MSG, model=plain, topic="2", api_name="/reply")["topic_id"] is None
+    history, _ = client.predict(MSG, model=topical, topic="1", api_name="/chat")
+    assert history[-1]["content"][0]["text"] == bots[topical].reply(MSG, label=1).text
+
+
 def test_checkpoint_arguments(tmp_path):
     assert app.parse_args(["--checkpoint", "a,b", "--checkpoint", "c"]).checkpoint == [Path("a"), Path("b"), Path("c")]
     for name in ("zeta", "default", "alpha", "empty"):

@@ -43,17 +43,24 @@ def served(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
+    """One headless Chromium for the module (playwright's sync API allows one instance per thread)."""
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000}, locale="ko-KR")
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
-        page.goto(served[0])
-        page.errors = errors
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(served, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, locale="ko-KR")
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+    page.goto(served[0])
+    page.errors = errors
+    yield page
+    page.close()
 
 
 def send(page, text: str) -> None:
@@ -101,3 +108,44 @@ def test_about_tab_renders_the_equations_and_curves(page):
     page.wait_for_selector(".katex", timeout=10_000)
     page.wait_for_selector(".js-plotly-plot .scatterlayer .trace", timeout=10_000)
     page.screenshot(path=str(ARTIFACTS / "demo_about.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def two_models_page(tiny_checkpoint, tiny_topic_checkpoint, browser):
+    """A page of the demo serving a plain model (first) and one that reads a topic."""
+    from chatbot.demo import build_demo, launch
+    from chatbot.inference import ChatBot
+
+    bots = {"plain": ChatBot.from_checkpoint(tiny_checkpoint, device="cpu"),
+            "topic": ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu")}
+    demo = build_demo(bots)
+    _, url, _ = launch(demo, server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, locale="ko-KR")
+    page.goto(url)
+    yield page, bots
+    page.close()
+    demo.close()
+
+
+def test_topic_picker_appears_for_a_topic_model_and_steers_its_reply(two_models_page):
+    page, bots = two_models_page
+    message = "헤어진 지 한 달 됐어"
+    radio = page.locator("#topic")
+    assert not radio.is_visible()  # the first model reads no topic
+    page.get_by_label("모델 checkpoint").click()
+    page.get_by_role("option", name="topic").click()
+    radio.wait_for(state="visible", timeout=10_000)
+    assert radio.get_by_label("자동 auto").is_checked()
+    radio.get_by_text("사랑 love").click()
+    expected = bots["topic"].reply(message, label=2)
+    send(page, message)
+    # the tiny model's replies may hold runs of spaces, which HTML shows as one
+    page.wait_for_function("t => document.querySelector('#chat').innerText.replace(/\\s+/g, ' ').includes(t)",
+                           arg=" ".join(expected.text.split()), timeout=30_000)
+    page.wait_for_function("() => document.body.innerText.includes('선택 chosen')", timeout=30_000)
+    assert "사랑 love" in page.locator("body").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo_topic.png"), full_page=True)
+    page.get_by_label("모델 checkpoint").click()
+    page.get_by_role("option", name="plain").click()
+    radio.wait_for(state="hidden", timeout=10_000)

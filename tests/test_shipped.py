@@ -26,3 +26,12 @@ def test_shipped_checkpoint(path):
     assert r.generated and r.text.strip() and r.reply_tokens
     if bot.has_attention:
         np.testing.assert_allclose(r.attention.sum(1), 1.0, atol=1e-4)
+
+
+def test_the_topic_checkpoint_predicts_the_topic_of_korean_messages():
+    """checkpoints/topic reads a topic; its classifier picks one for messages we wrote (not corpus rows)."""
+    bot = ChatBot.from_checkpoint(ROOT / "checkpoints" / "topic", device="cpu")
+    assert bot.reads_topic and bot.topic is not None
+    assert bot.topic.predict(["회사 가기 너무 싫다", "헤어진 지 일주일 됐어", "좋아하는 사람한테 고백했어"]) == [0, 1, 2]
+    replies = {bot.reply("다시 연락해도 될까", label=label).text for label in range(3)}
+    assert len(replies) > 1  # the topic steers the reply

@@ -188,26 +188,30 @@ def test_character_bag_trains_saves_and_reloads(tiny_corpus_csv, tmp_path):
     assert r.attention is not None and r.attention.shape == (len(r.reply_tokens), len(r.source_tokens))
 
 
-def test_a_label_model_reads_each_questions_label_in_validation_and_evaluate(tiny_corpus_csv, tmp_path):
-    """model.num_labels > 0: the corpus label is an input, so validation chrF and `evaluate` pass each
-    question's own label (not label 0 for all), and the replies are the ones ChatBot gives for that label."""
+def test_a_label_model_reads_each_questions_label_in_validation_and_evaluate(tiny_corpus_csv, tiny_topic_checkpoint):
+    """model.num_labels > 0: the corpus label is an input, so validation chrF and `evaluate --topics corpus`
+    pass each question's own label (not label 0 for all), and the replies are the ones ChatBot gives for that
+    label; `evaluate` as served (the default) gives each question the topic its classifier predicts."""
     from chatbot.data import load_corpus, split_corpus
     from chatbot.evaluate import evaluate
     from chatbot.inference import ChatBot
     from chatbot.train import sample_replies
 
-    best = train_tiny(tiny_corpus_csv, tmp_path / "run", **{"model.num_labels": "3", "train.select": "chrf",
-                                                            "train.epochs": "3"})
-    bot = ChatBot.from_checkpoint(best, device="cpu")
-    assert bot.config.model.num_labels == 3
-    result = evaluate(bot, str(tiny_corpus_csv))
-    assert result["reads_labels"] is True
+    bot = ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu")
+    assert bot.config.model.num_labels == 3 and bot.topic is not None
+    result = evaluate(bot, str(tiny_corpus_csv), topics="corpus")
+    assert result["reads_labels"] is True and result["topics"] == "corpus"
     test = split_corpus(load_corpus(str(tiny_corpus_csv), verbose=False).pairs, bot.config.data.val_fraction,
                         bot.config.data.test_fraction)["test"]
     label_of = dict(zip(test["Q"], test["label"]))
     assert len({label_of[e["q"]] for e in result["examples"]}) > 1  # the sample covers several labels
     for e in result["examples"]:
         assert e["model"] == bot.reply(e["q"], label=int(label_of[e["q"]])).text
+    served = evaluate(bot, str(tiny_corpus_csv))
+    assert served["topics"] == "predicted" and 0 <= served["topic_accuracy"] <= 1
+    predicted = dict(zip(test["Q"], bot.topic.predict(list(test["Q"]))))
+    for e in served["examples"]:
+        assert e["model"] == bot.reply(e["q"], label=predicted[e["q"]]).text == bot.reply(e["q"]).text
 
     model = bot.model
     with torch.no_grad():

@@ -171,3 +171,37 @@ def test_ui_does_not_import_gradio():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "gradio" not in imported
+
+
+def test_topic_control_maps_to_a_label_and_the_status_names_the_topic(tiny_bot, tiny_topic_checkpoint):
+    from chatbot.inference import ChatBot
+
+    topic_bot = ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu")
+    assert [v for _, v in ui.topic_choices(topic_bot)] == [ui.TOPIC_AUTO, "0", "1", "2"]
+    assert [ui.topic_label(v, topic_bot) for v in (ui.TOPIC_AUTO, "0", "2", "3", None, "x")] == [None, 0, 2, None,
+                                                                                              None, None]
+    assert ui.topic_label("1", tiny_bot) is None  # a model that reads no topic gets none
+    *_, (history, _, turns) = ui.chat_stream(topic_bot, "헤어진 지 한 달 됐어", [], [], 2)
+    assert turns[-1].reply.topic == 2 and history[-1]["content"] == literal_reply(topic_bot, 2)
+    status = ui.turn_view(turns).status
+    assert topic_bot.topic_names[2] in status and "선택 chosen" in status
+    *_, (_, _, turns) = ui.chat_stream(topic_bot, "헤어진 지 한 달 됐어", [], [])
+    assert "자동 예측 auto" in ui.turn_view(turns).status
+    out = ui.reply_json(topic_bot, "헤어진 지 한 달 됐어", 1)
+    assert out["topic_id"] == 1 and out["topic_source"] == "given"
+    (text, _), = ui.compare({"topic": topic_bot}, "헤어진 지 한 달 됐어")
+    assert "자동 예측 auto" in text and "주제 입력" in ui.describe(topic_bot)
+    *_, (_, _, plain_turns) = ui.chat_stream(tiny_bot, MSG, [], [], 1)
+    assert plain_turns[-1].reply.topic is None and "주제" not in ui.turn_view(plain_turns).status
+
+
+def literal_reply(bot, label: int) -> str:
+    return html.escape(bot.reply("헤어진 지 한 달 됐어", label=label).text, quote=False)
+
+
+def test_one_topic_radio_serves_every_model(tiny_bot, tiny_topic_checkpoint):
+    from chatbot.inference import ChatBot
+
+    topic_bot = ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu")
+    assert ui.topic_choices([tiny_bot, topic_bot]) == ui.topic_choices(topic_bot)
+    assert ui.topic_choices(tiny_bot) == [("자동 auto", ui.TOPIC_AUTO)]
