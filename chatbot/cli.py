@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reply", help="reply to each line of stdin, one line each")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped checkpoints/default)")
     p.add_argument("--topic", type=int, default=None,
-                   help="topic label for a model that reads one (0 everyday, 1 breakup, 2 love; default: predicted)")
+                   help="topic label for a model that reads one (0 everyday, 1 breakup, 2 love, 3 unknown where "
+                        "the model has it; default: predicted)")
     p.add_argument("--json", action="store_true", help="one JSON object per line: reply, tokens and attention")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _decoding_args(p)
@@ -105,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table to stderr")
-    p.add_argument("--topics", default="predicted", choices=["predicted", "corpus"],
+    p.add_argument("--topics", default="predicted", choices=["predicted", "corpus", "unknown"],
                    help="for a model that reads a topic: predicted from each question as the demo does "
-                        "(default), or the corpus's own label")
+                        "(default), the corpus's own label, or 'unknown' (models trained with train.topic_dropout)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _decoding_args(p)
 

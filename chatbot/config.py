@@ -61,6 +61,7 @@ class ModelConfig:
     dropout: float = 0.2  # dropout on embeddings and RNN outputs
     tie_embeddings: bool = True  # output layer shares the decoder embedding matrix
     num_labels: int = 0  # >0: a label embedding is added to the encoder input
+    unknown_topic: bool = False  # one more label vector, "unknown topic" (index num_labels); set by train.topic_dropout
     char_dim: int = 0  # >0: each question piece also gets the mean of its characters' embeddings (this size), projected and added
     char_vocab_size: int = 0  # character ids (set from the tokenizer when char_dim > 0)
     max_piece_chars: int = 8  # characters kept per piece for char_dim
@@ -98,6 +99,7 @@ class TrainConfig:
     save_every: int = 0  # >0: also save the resumable state every N steps
     subword_alpha: float = 0.0  # >0: questions re-segmented every epoch by sentencepiece sampling (this smoothing)
     word_dropout: float = 0.0  # share of question pieces replaced by <unk> in training
+    topic_dropout: float = 0.0  # share of training questions whose topic (model.num_labels) is read as "unknown"
     select: str = "loss"  # loss | chrf: what picks best/ and drives early stopping (chrf: greedy on validation)
 
     def __post_init__(self) -> None:
@@ -105,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"train.select must be one of {SELECT_BY}, got {self.select!r}")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ValueError(f"train.word_dropout must be in [0, 1), got {self.word_dropout}")
+        if not 0.0 <= self.topic_dropout < 1.0:
+            raise ValueError(f"train.topic_dropout must be in [0, 1), got {self.topic_dropout}")
         if self.subword_alpha < 0:
             raise ValueError(f"train.subword_alpha must be >= 0, got {self.subword_alpha}")
 

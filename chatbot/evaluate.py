@@ -59,6 +59,7 @@ def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[s
     }
 
 
+TOPIC_MODES = ("predicted", "corpus", "unknown")
 LENGTH_BUCKETS = ((1, 3), (4, 5), (6, 7), (8, 9), (10, 10_000))  # question length in source pieces
 
 
@@ -79,11 +80,14 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     """Evaluate ``bot`` on ``split`` of the corpus at ``data_path`` (the split the bot was trained with).
 
     ``topics``, for a model that reads a topic: ``"predicted"`` by its topic classifier from each
-    question, as the demo serves it, or ``"corpus"``: each question's own label (what a user who
-    picks the right topic gets). A checkpoint without a classifier is evaluated with the corpus's.
+    question, as the demo serves it, ``"corpus"``: each question's own label (what a user who
+    picks the right topic gets), or ``"unknown"``: the "unknown topic" vector of a model trained
+    with ``train.topic_dropout``. A checkpoint without a classifier is evaluated with the corpus's.
     """
-    if topics not in ("predicted", "corpus"):
-        raise ValueError(f"topics must be 'predicted' or 'corpus', got {topics!r}")
+    if topics not in TOPIC_MODES:
+        raise ValueError(f"topics must be one of {TOPIC_MODES}, got {topics!r}")
+    if topics == "unknown" and bot.config.model.num_labels and bot.unknown_topic is None:
+        raise ValueError(f"{bot.path} has no 'unknown topic' vector (train it with train.topic_dropout > 0)")
     corpus = load_corpus(data_path, verbose=False)
     cfg = bot.config.data
     splits = split_corpus(corpus.pairs, cfg.val_fraction, cfg.test_fraction)
@@ -102,9 +106,11 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     # A model with a label embedding (model.num_labels > 0) reads a topic: the classifier's (label=None)
     # or each question's corpus label.
     reads = bool(bot.config.model.num_labels)
-    topics_used = None if not reads else "predicted" if topics == "predicted" and bot.topic is not None else "corpus"
+    topics_used = (None if not reads else "predicted" if topics == "predicted" and bot.topic is not None
+                   else topics if topics == "unknown" else "corpus")
     groups = ({int(lab): [i for i, x in enumerate(labels) if x == lab] for lab in sorted(set(labels))}
-              if topics_used == "corpus" else {None: list(range(len(questions)))})
+              if topics_used == "corpus" else
+              {bot.unknown_topic if topics_used == "unknown" else None: list(range(len(questions)))})
     for lab, idx in groups.items():
         for j in range(0, len(idx), step):
             chunk = idx[j: j + step]

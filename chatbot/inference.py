@@ -24,7 +24,7 @@ from .config import EOS_ID
 from .model import count_parameters
 from .search import DecodeOptions, Hypothesis, beam_search, decode, decode_steps
 from .text import normalize
-from .topic import topic_name
+from .topic import UNKNOWN_TOPIC, UNSURE_BELOW, topic_name
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
 MAX_MESSAGE_CHARS = 500  # longer messages are cut before tokenising (bounded time for any input)
@@ -111,6 +111,8 @@ class ChatBot:
         self.meta = checkpoint.meta
         self.path = checkpoint.path
         self.topic = checkpoint.topic  # TopicClassifier or None
+        # a model with an "unknown topic" vector reads it where the classifier is less sure than this
+        self.topic_threshold = UNSURE_BELOW
         self.device = torch.device(device)
         self.max_source_len = self.config.data.max_source_len
 
@@ -138,9 +140,17 @@ class ChatBot:
         return self.config.model.num_labels > 0
 
     @property
+    def unknown_topic(self) -> int | None:
+        """The label of the "unknown topic" vector, for models trained with train.topic_dropout."""
+        m = self.config.model
+        return m.num_labels if m.num_labels and m.unknown_topic else None
+
+    @property
     def topic_names(self) -> list[str]:
+        """One name per topic label this model reads ("unknown" last, where it has one)."""
         n = self.config.model.num_labels
-        return self.topic.names if self.topic is not None else [topic_name(i) for i in range(n)]
+        names = list(self.topic.names) if self.topic is not None else [topic_name(i) for i in range(n)]
+        return names + ([UNKNOWN_TOPIC] if self.unknown_topic is not None else [])
 
     @property
     def name(self) -> str:
@@ -170,18 +180,23 @@ class ChatBot:
 
     def topics(self, texts: list[str], label: int | None = None) -> list[tuple[int, list[float] | None]] | None:
         """The topic each message is answered under: ``label`` where given, else the topic classifier's
-        choice with its probabilities (label 0 for a checkpoint without one). None: the model reads no topic."""
+        choice with its probabilities: its most likely topic, or, for a model with an "unknown topic"
+        vector, that one where the classifier is less sure than ``topic_threshold``. Label 0 for a
+        checkpoint without a classifier. None: the model reads no topic."""
         n = self.config.model.num_labels
         if not n:
             return None
         if label is not None:
-            if not 0 <= int(label) < n:
-                raise ValueError(f"topic label must be in 0..{n - 1} for this model, got {label}")
+            inputs = n + (self.unknown_topic is not None)
+            if not 0 <= int(label) < inputs:
+                raise ValueError(f"topic label must be in 0..{inputs - 1} for this model, got {label}")
             return [(int(label), None)] * len(texts)
         if self.topic is None:
-            return [(0, None)] * len(texts)
+            return [(0, None) if self.unknown_topic is None else (self.unknown_topic, None)] * len(texts)
         probs = self.topic.predict_proba([t[:MAX_MESSAGE_CHARS] for t in texts])
-        return [(int(p.argmax()), [float(x) for x in p]) for p in probs]
+        unsure = self.unknown_topic
+        return [(int(p.argmax()) if unsure is None or p.max() >= self.topic_threshold else unsure,
+                 [float(x) for x in p]) for p in probs]
 
     def _tensors(self, batch: list[list[int]], topics: list[tuple[int, list[float] | None]] | None):
         src = pad(batch).to(self.device)

@@ -106,7 +106,8 @@ class Encoder(nn.Module):
         self.embedding = embedding
         self.char_bag = (CharacterBag(cfg.vocab_size, cfg.char_vocab_size, cfg.max_piece_chars, cfg.char_dim,
                                       cfg.emb_dim) if cfg.char_dim > 0 else None)
-        self.label_embedding = nn.Embedding(cfg.num_labels, cfg.emb_dim) if cfg.num_labels > 0 else None
+        self.label_embedding = (nn.Embedding(cfg.num_labels + int(cfg.unknown_topic), cfg.emb_dim)
+                                if cfg.num_labels > 0 else None)  # row num_labels: "unknown topic" (if any)
         self.dropout = Dropout(cfg.dropout)
         self.rnn = _rnn(cfg.rnn, cfg.emb_dim, cfg.hidden_dim // 2, num_layers=cfg.enc_layers,
                         bidirectional=True, dropout=cfg.dropout if cfg.enc_layers > 1 else 0.0)

@@ -32,6 +32,8 @@ from .text import normalize
 
 TOPIC_FILE = "topic.safetensors"
 TOPIC_NAMES = ("일상 everyday", "이별 breakup", "사랑 love")  # ChatbotData's labels 0, 1, 2
+UNKNOWN_TOPIC = "모름 unknown"  # the extra topic vector of models trained with train.topic_dropout
+UNSURE_BELOW = 0.7  # such models read "unknown" where the classifier's top probability is lower
 BUCKETS = 8192  # hashed n-gram features: 8192 x 3 weights + 8192 idf = 131 KB in fp32
 NGRAMS = (1, 3)
 

@@ -261,6 +261,11 @@ def resample_sources(pairs: EncodedPairs, tokenizer: Tokenizer, questions: list[
     return EncodedPairs(src, pairs.tgt, pairs.labels)
 
 
+def drop_topics(label: Tensor, p: float, unknown: int) -> Tensor:
+    """Replace a share ``p`` of the topic labels by the "unknown topic" index (global torch RNG)."""
+    return label.masked_fill(torch.rand(label.shape, device=label.device) < p, unknown)
+
+
 def drop_words(src: Tensor, p: float) -> Tensor:
     """Replace a share ``p`` of the real (non-pad) pieces of ``src`` by ``<unk>`` (global torch RNG)."""
     hit = (torch.rand(src.shape, device=src.device) < p) & (src != PAD_ID)
@@ -436,6 +441,9 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
         cfg.model.vocab_size = tokenizer.vocab_size
         if cfg.model.num_labels:
             cfg.model.num_labels = max(cfg.model.num_labels, int(corpus.pairs["label"].max()) + 1)
+            cfg.model.unknown_topic = cfg.model.unknown_topic or t_cfg.topic_dropout > 0
+        elif t_cfg.topic_dropout > 0:
+            raise TrainingError("train.topic_dropout needs a model that reads a topic (model.num_labels > 0)")
         seed_everything(t_cfg.seed)
         model = build_model(cfg.model, tokenizer).to(device)
         if ddp.main:
@@ -520,6 +528,8 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                 b = (b.pin_memory() if device.type == "cuda" else b).to(device, non_blocking=True)
                 if t_cfg.word_dropout > 0:
                     b = replace(b, src=drop_words(b.src, t_cfg.word_dropout))
+                if t_cfg.topic_dropout > 0 and cfg.model.unknown_topic:
+                    b = replace(b, label=drop_topics(b.label, t_cfg.topic_dropout, cfg.model.num_labels))
                 try:
                     loss_val, n_tok = train_step(train_model, b, optimizer, scaler, amp=amp,
                                                  label_smoothing=t_cfg.label_smoothing, grad_clip=t_cfg.grad_clip,

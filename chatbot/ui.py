@@ -108,7 +108,7 @@ def topic_label(value: Any, bot: ChatBot) -> int | None:
         label = int(value)
     except (TypeError, ValueError):
         return None
-    return label if 0 <= label < bot.config.model.num_labels else None
+    return label if 0 <= label < len(bot.topic_names) and bot.reads_topic else None
 
 
 def topic_note(reply: Reply | None) -> str:
@@ -117,6 +117,9 @@ def topic_note(reply: Reply | None) -> str:
         return ""
     if reply.topic_probs is None:
         return f"주제 topic: **{literal(reply.topic_name)}** (선택 chosen)"
+    if reply.topic >= len(reply.topic_probs):  # the "unknown topic" vector: the classifier was unsure
+        return (f"주제 topic: **{literal(reply.topic_name)}** (자동 auto: 분류기가 확신하지 못함 unsure, "
+                f"최고 top {max(reply.topic_probs):.0%})")
     return f"주제 topic: **{literal(reply.topic_name)}** (자동 예측 auto, {max(reply.topic_probs):.0%})"
 
 

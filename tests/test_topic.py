@@ -120,3 +120,37 @@ def test_a_corrupt_classifier_file_is_named(tiny_topic_checkpoint, tmp_path):
     (ck / TOPIC_FILE).write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="topic.safetensors"):
         load_checkpoint(ck)
+
+
+def test_topic_dropout_adds_an_unknown_topic_read_where_the_classifier_is_unsure(tiny_corpus_csv, tmp_path,
+                                                                                tiny_topic_checkpoint):
+    import torch
+
+    from chatbot.evaluate import evaluate
+    from chatbot.train import TrainingError, drop_topics
+    from conftest import train_tiny
+
+    torch.manual_seed(0)
+    dropped = drop_topics(torch.zeros(10_000, dtype=torch.long), 0.3, 3)
+    assert set(dropped.tolist()) == {0, 3} and abs(float((dropped == 3).float().mean()) - 0.3) < 0.02
+    with pytest.raises(TrainingError, match="topic_dropout needs a model that reads a topic"):
+        train_tiny(tiny_corpus_csv, tmp_path / "no", **{"train.topic_dropout": "0.3"})
+    best = train_tiny(tiny_corpus_csv, tmp_path / "run", **{"model.num_labels": "3", "train.topic_dropout": "0.3",
+                                                            "train.epochs": "3"})
+    bot = ChatBot.from_checkpoint(best, device="cpu")
+    assert bot.config.model.unknown_topic and bot.unknown_topic == 3
+    assert bot.model.encoder.label_embedding.num_embeddings == 4 and bot.topic_names[-1] == "모름 unknown"
+    msg = "헤어진 지 한 달 됐어"
+    probs = bot.topic.predict_proba([msg])[0]
+    bot.topic_threshold = float(probs.max()) + 1e-3  # just above the classifier's confidence: unsure
+    unsure = bot.reply(msg)
+    assert unsure.topic == 3 and unsure.topic_probs is not None and unsure.text == bot.reply(msg, label=3).text
+    bot.topic_threshold = float(probs.max()) - 1e-3
+    assert bot.reply(msg).topic == int(probs.argmax())
+    with pytest.raises(ValueError, match="0..3"):
+        bot.reply(msg, label=4)
+    result = evaluate(bot, str(tiny_corpus_csv), topics="unknown")
+    assert result["topics"] == "unknown"
+    assert all(e["model"] == bot.reply(e["q"], label=3).text for e in result["examples"])
+    with pytest.raises(ValueError, match="no 'unknown topic' vector"):
+        evaluate(ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu"), str(tiny_corpus_csv), topics="unknown")

@@ -205,3 +205,9 @@ def test_one_topic_radio_serves_every_model(tiny_bot, tiny_topic_checkpoint):
     topic_bot = ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu")
     assert ui.topic_choices([tiny_bot, topic_bot]) == ui.topic_choices(topic_bot)
     assert ui.topic_choices(tiny_bot) == [("자동 auto", ui.TOPIC_AUTO)]
+
+
+def test_an_unsure_classifier_is_named_in_the_status(tiny_topic_checkpoint):
+    reply = Reply("네", ["헤어"], ["네"], np.ones((1, 1)), topic=3, topic_probs=[0.4, 0.35, 0.25],
+                  topic_name="모름 unknown")
+    assert "확신하지 못함 unsure" in ui.topic_note(reply) and "40%" in ui.topic_note(reply)
