@@ -119,12 +119,16 @@ def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
                                          max_length=ui.MAX_INPUT_CHARS, scale=6)
                     cmp_btn = gr.Button("비교 Compare", variant="primary", scale=1)
                 cmp_outputs: list[gr.components.Component] = []
-                with gr.Row():
-                    for name, bot in bots.items():
-                        with gr.Column():
-                            gr.Markdown(ui.describe(bot, name))
-                            cmp_outputs.append(gr.Textbox(label=f"{name} 답변 reply", interactive=False))
-                            cmp_outputs.append(gr.Plot(ui.reply_figure(None), label=f"{name} attention"))
+                items = list(bots.items())
+                for row in range(0, len(items), 2):  # two models side by side per row: heatmaps stay readable
+                    with gr.Row(equal_height=False):
+                        for name, bot in items[row: row + 2]:
+                            with gr.Column():
+                                gr.Markdown(ui.describe(bot, name))
+                                cmp_outputs.append(gr.Textbox(label=f"{name} 답변 reply", interactive=False))
+                                cmp_outputs.append(gr.Plot(ui.reply_figure(None), label=f"{name} attention"))
+                        if len(items) > 1 and len(items[row: row + 2]) == 1:
+                            gr.Column()  # an odd last model keeps half the width
 
             # ------------------------------------------------------------ about
             with gr.Tab("소개 About", id="about"):

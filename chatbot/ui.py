@@ -9,6 +9,7 @@ Per-session turn history (for bringing back an earlier heatmap) is a list of :cl
 from __future__ import annotations
 
 import html
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -132,10 +133,12 @@ def _layout(fig: go.Figure, title: str | None = None, height: int | None = None,
     return fig
 
 
-def note_figure(text: str) -> go.Figure:
-    """An empty figure that only says ``text`` (no attention to show, nothing yet)."""
+def note_figure(text: str, width: int = 30) -> go.Figure:
+    """An empty figure that only says ``text`` (no attention to show, nothing yet), in lines of about
+    ``width`` characters so that it fits a narrow column (plotly never wraps an annotation itself)."""
     fig = go.Figure()
-    fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+    fig.add_annotation(text="<br>".join(textwrap.wrap(text, width)) or text, x=0.5, y=0.5, xref="paper",
+                       yref="paper", showarrow=False,
                        font=dict(size=15))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)

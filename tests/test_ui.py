@@ -131,7 +131,8 @@ def test_turn_history_brings_back_an_earlier_heatmap(tiny_bot):
 def test_no_attention_model_gets_a_note_not_a_heatmap():
     reply = Reply("네", ["안녕"], ["네"], None, [[Candidate("네", 0.9)]])
     fig = ui.reply_figure(reply)
-    assert not fig.data and fig.layout.annotations[0].text == ui.NO_ATTENTION_NOTE
+    assert not fig.data and fig.layout.annotations[0].text.replace("<br>", " ") == ui.NO_ATTENTION_NOTE
+    assert max(len(line) for line in fig.layout.annotations[0].text.split("<br>")) <= 30  # fits a column
     assert len(ui.step_figure(reply, 1).data) == 1  # candidates only
     assert ui.NO_ATTENTION_NOTE in ui.turn_view([ui.Turn("안녕", reply)]).status
 
