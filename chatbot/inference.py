@@ -76,6 +76,7 @@ class Reply:
     topic: int | None = None  # the topic label the encoder read (models with model.num_labels > 0)
     topic_probs: list[float] | None = None  # the topic classifier's probabilities, when it chose the topic
     topic_name: str = ""
+    topic_source: str | None = None  # given | predicted | unsure (classifier unsure: "unknown") | default (no classifier)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: attention as nested lists of floats."""
@@ -89,9 +90,16 @@ class Reply:
             "generated": self.generated,
             "n_best": [{"reply": h.text, "score": h.score} for h in self.n_best],
             "topic": self.topic_name, "topic_id": self.topic,
-            "topic_source": None if self.topic is None else ("given" if self.topic_probs is None else "predicted"),
+            "topic_source": self.topic_source,
             "topic_probs": None if self.topic_probs is None else [round(float(p), 4) for p in self.topic_probs],
         }
+
+
+@dataclass(frozen=True)
+class TopicChoice:
+    label: int  # the topic vector the encoder reads
+    probs: list[float] | None  # the classifier's probabilities (None: the topic was given)
+    source: str  # given | predicted | unsure | default
 
 
 @dataclass
@@ -178,36 +186,38 @@ class ChatBot:
             candidates=[self._candidates(i, p) for i, p in zip(h.topk_ids, h.topk_probs)],
             score=h.norm_score, truncated=truncated)
 
-    def topics(self, texts: list[str], label: int | None = None) -> list[tuple[int, list[float] | None]] | None:
+    def topics(self, texts: list[str], label: int | None = None) -> list[TopicChoice] | None:
         """The topic each message is answered under: ``label`` where given, else the topic classifier's
         choice with its probabilities: its most likely topic, or, for a model with an "unknown topic"
-        vector, that one where the classifier is less sure than ``topic_threshold``. Label 0 for a
-        checkpoint without a classifier. None: the model reads no topic."""
+        vector, that one where the classifier is less sure than ``topic_threshold``. A checkpoint
+        without a classifier reads its "unknown topic" if it has one, else topic 0. None: the model
+        reads no topic."""
         n = self.config.model.num_labels
         if not n:
             return None
+        unknown = self.unknown_topic
         if label is not None:
-            inputs = n + (self.unknown_topic is not None)
+            inputs = n + (unknown is not None)
             if not 0 <= int(label) < inputs:
                 raise ValueError(f"topic label must be in 0..{inputs - 1} for this model, got {label}")
-            return [(int(label), None)] * len(texts)
+            return [TopicChoice(int(label), None, "given")] * len(texts)
         if self.topic is None:
-            return [(0, None) if self.unknown_topic is None else (self.unknown_topic, None)] * len(texts)
+            return [TopicChoice(0 if unknown is None else unknown, None, "default")] * len(texts)
         probs = self.topic.predict_proba([t[:MAX_MESSAGE_CHARS] for t in texts])
-        unsure = self.unknown_topic
-        return [(int(p.argmax()) if unsure is None or p.max() >= self.topic_threshold else unsure,
-                 [float(x) for x in p]) for p in probs]
+        return [TopicChoice(int(p.argmax()), [float(x) for x in p], "predicted")
+                if unknown is None or p.max() >= self.topic_threshold
+                else TopicChoice(unknown, [float(x) for x in p], "unsure") for p in probs]
 
-    def _tensors(self, batch: list[list[int]], topics: list[tuple[int, list[float] | None]] | None):
+    def _tensors(self, batch: list[list[int]], topics: list[TopicChoice] | None):
         src = pad(batch).to(self.device)
         src_len = torch.tensor([len(s) for s in batch], device=self.device)
-        lab = None if topics is None else torch.tensor([t for t, _ in topics], dtype=torch.long, device=self.device)
+        lab = None if topics is None else torch.tensor([t.label for t in topics], dtype=torch.long, device=self.device)
         return src, src_len, lab
 
-    def _with_topic(self, reply: Reply, topic: tuple[int, list[float] | None] | None) -> Reply:
+    def _with_topic(self, reply: Reply, topic: TopicChoice | None) -> Reply:
         if topic is not None:
-            reply.topic, reply.topic_probs = topic
-            reply.topic_name = self.topic_names[topic[0]] if topic[0] < len(self.topic_names) else str(topic[0])
+            reply.topic, reply.topic_probs, reply.topic_source = topic.label, topic.probs, topic.source
+            reply.topic_name = self.topic_names[topic.label]
         return reply
 
     @staticmethod

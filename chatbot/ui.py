@@ -113,15 +113,15 @@ def topic_label(value: Any, bot: ChatBot) -> int | None:
 
 
 def topic_note(reply: Reply | None) -> str:
-    """One line on the topic the encoder read, e.g. "주제 topic: 이별 breakup (자동 예측 auto, 96 %)"."""
+    """One line on the topic the encoder read, e.g. "주제 topic: 이별 breakup (자동 예측 auto, 96%)"."""
     if reply is None or reply.topic is None:
         return ""
-    if reply.topic_probs is None:
-        return f"주제 topic: **{literal(reply.topic_name)}** (선택 chosen)"
-    if reply.topic >= len(reply.topic_probs):  # the "unknown topic" vector: the classifier was unsure
-        return (f"주제 topic: **{literal(reply.topic_name)}** (자동 auto: 분류기가 확신하지 못함 unsure, "
-                f"최고 top {max(reply.topic_probs):.0%})")
-    return f"주제 topic: **{literal(reply.topic_name)}** (자동 예측 auto, {max(reply.topic_probs):.0%})"
+    name = f"주제 topic: **{literal(reply.topic_name)}**"
+    top = f"{max(reply.topic_probs):.0%}" if reply.topic_probs else ""
+    return {"given": f"{name} (선택 chosen)",
+            "predicted": f"{name} (자동 예측 auto, {top})",
+            "unsure": f"{name} (자동 auto: 분류기가 확신하지 못함 unsure, 최고 top {top})",
+            }.get(reply.topic_source or "", f"{name} (기본값 default: 주제 분류기 없음 no topic classifier)")
 
 
 # ---------------------------------------------------------------- figures

@@ -97,7 +97,8 @@ def test_topic_command_adds_a_classifier_and_refuses_models_without_topics(tiny_
     ck = load_checkpoint(tiny_topic_checkpoint)
     bare = save_checkpoint(tmp_path / "bare", ck.model, ck.tokenizer, ck.config, meta=ck.meta)  # as trained before
     assert load_checkpoint(bare).topic is None
-    assert ChatBot.from_checkpoint(bare, device="cpu").reply("헤어졌어").topic == 0  # no classifier: topic 0
+    defaulted = ChatBot.from_checkpoint(bare, device="cpu").reply("헤어졌어")
+    assert (defaulted.topic, defaulted.topic_source) == (0, "default")  # no classifier: topic 0, and it says so
     assert main(["topic", "--checkpoint", str(bare), "--data", str(tiny_corpus_csv)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["topic_accuracy"]["train"] > 0.9
@@ -144,7 +145,8 @@ def test_topic_dropout_adds_an_unknown_topic_read_where_the_classifier_is_unsure
     probs = bot.topic.predict_proba([msg])[0]
     bot.topic_threshold = float(probs.max()) + 1e-3  # just above the classifier's confidence: unsure
     unsure = bot.reply(msg)
-    assert unsure.topic == 3 and unsure.topic_probs is not None and unsure.text == bot.reply(msg, label=3).text
+    assert unsure.topic == 3 and unsure.topic_source == "unsure" and unsure.topic_probs is not None
+    assert unsure.text == bot.reply(msg, label=3).text
     bot.topic_threshold = float(probs.max()) - 1e-3
     assert bot.reply(msg).topic == int(probs.argmax())
     with pytest.raises(ValueError, match="0..3"):

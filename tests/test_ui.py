@@ -210,5 +210,7 @@ def test_one_topic_radio_serves_every_model(tiny_bot, tiny_topic_checkpoint):
 
 def test_an_unsure_classifier_is_named_in_the_status(tiny_topic_checkpoint):
     reply = Reply("네", ["헤어"], ["네"], np.ones((1, 1)), topic=3, topic_probs=[0.4, 0.35, 0.25],
-                  topic_name="모름 unknown")
+                  topic_name="모름 unknown", topic_source="unsure")
     assert "확신하지 못함 unsure" in ui.topic_note(reply) and "40%" in ui.topic_note(reply)
+    reply = Reply("네", ["헤어"], ["네"], np.ones((1, 1)), topic=0, topic_name="일상 everyday", topic_source="default")
+    assert "분류기 없음 no topic classifier" in ui.topic_note(reply)
