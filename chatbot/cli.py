@@ -1,4 +1,4 @@
-"""Command line: ``python -m chatbot {download,train,reply,evaluate,bench,loadtest} ...`` (``--help`` on each)."""
+"""Command line: ``python -m chatbot {download,train,topic,reply,evaluate,bench,loadtest} ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ HELP = """Korean attention seq2seq chatbot.
 
   python -m chatbot download                       fetch the public ChatbotData corpus to data/
   python -m chatbot train --config configs/default.yaml
+  python -m chatbot topic --checkpoint DIR         add a topic classifier to a model that reads a topic
   python -m chatbot reply                          one reply per stdin line (shipped model)
   python -m chatbot evaluate --data data/ChatbotData.csv
   python -m chatbot bench --quick                  speed beside the naive tutorial seq2seq (docs/performance.md)
