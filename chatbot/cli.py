@@ -252,9 +252,9 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
                 print(f"{result['checkpoint']}:\n{markdown_table(result)}", file=sys.stderr)
             if args.write_card:
                 from .checkpoint import rewrite_card
-                topics = (f", topics {result['topics']} (classifier accuracy {result['topic_accuracy']:.1%})"
-                          if result.get("topic_accuracy") is not None else
-                          f", topics {result['topics']}" if result.get("topics") else "")
+                topics = f", topics {result['topics']}" if result.get("topics") else ""
+                if "topic_accuracy" in result:
+                    topics += f" (classifier accuracy {result['topic_accuracy']:.1%})"
                 rewrite_card(bot.path, f"Test split ({result['pairs']} pairs), decoding {result['decoding']}{topics}:\n\n"
                              + markdown_table(result))
             results.append(result)

@@ -106,11 +106,17 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     # A model with a label embedding (model.num_labels > 0) reads a topic: the classifier's (label=None)
     # or each question's corpus label.
     reads = bool(bot.config.model.num_labels)
-    topics_used = (None if not reads else "predicted" if topics == "predicted" and bot.topic is not None
-                   else topics if topics == "unknown" else "corpus")
-    groups = ({int(lab): [i for i, x in enumerate(labels) if x == lab] for lab in sorted(set(labels))}
-              if topics_used == "corpus" else
-              {bot.unknown_topic if topics_used == "unknown" else None: list(range(len(questions)))})
+    if not reads:
+        topics_used, label_of = None, [None] * len(questions)
+    elif topics == "predicted" and bot.topic is not None:
+        topics_used, label_of = "predicted", [None] * len(questions)  # None: ChatBot predicts per question
+    elif topics == "unknown":
+        topics_used, label_of = "unknown", [bot.unknown_topic] * len(questions)
+    else:
+        topics_used, label_of = "corpus", [int(x) for x in labels]
+    groups: dict[int | None, list[int]] = {}
+    for i, lab in enumerate(label_of):
+        groups.setdefault(lab, []).append(i)
     for lab, idx in groups.items():
         for j in range(0, len(idx), step):
             chunk = idx[j: j + step]

@@ -100,6 +100,7 @@ class TopicChoice:
     label: int  # the topic vector the encoder reads
     probs: list[float] | None  # the classifier's probabilities (None: the topic was given)
     source: str  # given | predicted | unsure | default
+    name: str
 
 
 @dataclass
@@ -195,18 +196,20 @@ class ChatBot:
         n = self.config.model.num_labels
         if not n:
             return None
-        unknown = self.unknown_topic
+        unknown, names = self.unknown_topic, self.topic_names
         if label is not None:
-            inputs = n + (unknown is not None)
-            if not 0 <= int(label) < inputs:
-                raise ValueError(f"topic label must be in 0..{inputs - 1} for this model, got {label}")
-            return [TopicChoice(int(label), None, "given")] * len(texts)
+            if not 0 <= int(label) < len(names):
+                raise ValueError(f"topic label must be in 0..{len(names) - 1} for this model, got {label}")
+            return [TopicChoice(int(label), None, "given", names[int(label)])] * len(texts)
         if self.topic is None:
-            return [TopicChoice(0 if unknown is None else unknown, None, "default")] * len(texts)
-        probs = self.topic.predict_proba([t[:MAX_MESSAGE_CHARS] for t in texts])
-        return [TopicChoice(int(p.argmax()), [float(x) for x in p], "predicted")
-                if unknown is None or p.max() >= self.topic_threshold
-                else TopicChoice(unknown, [float(x) for x in p], "unsure") for p in probs]
+            lab = 0 if unknown is None else unknown
+            return [TopicChoice(lab, None, "default", names[lab])] * len(texts)
+        out = []
+        for p in self.topic.predict_proba([t[:MAX_MESSAGE_CHARS] for t in texts]):
+            sure = unknown is None or p.max() >= self.topic_threshold
+            lab = int(p.argmax()) if sure else unknown
+            out.append(TopicChoice(lab, [float(x) for x in p], "predicted" if sure else "unsure", names[lab]))
+        return out
 
     def _tensors(self, batch: list[list[int]], topics: list[TopicChoice] | None):
         src = pad(batch).to(self.device)
@@ -216,8 +219,8 @@ class ChatBot:
 
     def _with_topic(self, reply: Reply, topic: TopicChoice | None) -> Reply:
         if topic is not None:
-            reply.topic, reply.topic_probs, reply.topic_source = topic.label, topic.probs, topic.source
-            reply.topic_name = self.topic_names[topic.label]
+            reply.topic, reply.topic_probs, reply.topic_source, reply.topic_name = (
+                topic.label, topic.probs, topic.source, topic.name)
         return reply
 
     @staticmethod

@@ -72,6 +72,14 @@ def hashed_counts(texts: Sequence[str], buckets: int, ngrams: tuple[int, int] = 
             torch.tensor(offsets, dtype=torch.long))
 
 
+def tfidf_weights(ids: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """Sublinear tf × idf for each (bucket, count) of :func:`hashed_counts`, L2-normalised per text."""
+    w = (1.0 + torch.log(counts)) * idf[ids] if ids.numel() else counts
+    row = torch.repeat_interleave(torch.arange(len(offsets)), torch.diff(offsets, append=torch.tensor([ids.numel()])))
+    norm = torch.zeros(len(offsets)).index_add_(0, row, w * w).sqrt().clamp(min=1e-12)
+    return w / norm[row]
+
+
 class TopicClassifier:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, idf: torch.Tensor,
                  ngrams: tuple[int, int] = NGRAMS, names: Sequence[str] = TOPIC_NAMES):
@@ -92,10 +100,7 @@ class TopicClassifier:
     def _bags(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bags with tf-idf weights whose squares sum to 1 per text."""
         ids, counts, offsets = hashed_counts(texts, self.buckets, self.ngrams)
-        w = (1.0 + torch.log(counts)) * self.idf[ids] if ids.numel() else counts
-        row = torch.repeat_interleave(torch.arange(len(texts)), torch.diff(offsets, append=torch.tensor([ids.numel()])))
-        norm = torch.zeros(len(texts)).index_add_(0, row, w * w).sqrt().clamp(min=1e-12)
-        return ids, w / norm[row], offsets
+        return ids, tfidf_weights(ids, counts, offsets, self.idf), offsets
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         ids, w, offsets = self._bags(texts)
@@ -129,14 +134,13 @@ class TopicClassifier:
             raise ValueError("fit needs as many labels as texts, and at least one")
         y = torch.tensor([int(x) for x in labels], dtype=torch.long)
         num_labels = max(int(num_labels or 0), int(y.max()) + 1)
-        ids, counts, offsets = hashed_counts(texts, buckets, ngrams)
-        df = torch.zeros(buckets).index_add_(0, ids, torch.ones_like(counts))  # texts containing each bucket
+        bag_ids, counts, offsets = hashed_counts(texts, buckets, ngrams)
+        df = torch.zeros(buckets).index_add_(0, bag_ids, torch.ones_like(counts))  # texts containing each bucket
         idf = torch.log((1 + len(texts)) / (1 + df)) + 1  # scikit-learn's smooth idf
+        w = tfidf_weights(bag_ids, counts, offsets, idf)
         prior = torch.bincount(y, minlength=num_labels).float() + 1
-        clf = cls(torch.zeros(buckets, num_labels), torch.log(prior / prior.sum()), idf, ngrams, names)
-        bag_ids, w, offsets = clf._bags(texts)
         weight = torch.zeros(buckets, num_labels, requires_grad=True)
-        bias = clf.bias.clone().requires_grad_(True)
+        bias = torch.log(prior / prior.sum()).requires_grad_(True)
         opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20,
                                 line_search_fn="strong_wolfe")
 

@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, EncodedPairs, batch_order, collate, encode_pairs, encode_source, pad
 from .checkpoint import MANIFEST, load_checkpoint, read_config, resolve, save_checkpoint, sha256
-from .topic import fit_on_splits
 from .config import EOS_ID, PAD_ID, UNK_ID, Config, default_data_path
 from .data import load_corpus, split_corpus
 from .losses import corpus_cross_entropy, linear_cross_entropy
 from .model import Seq2Seq, build_model, count_parameters
 from .search import DecodeOptions, greedy
 from .text import Tokenizer
+from .topic import fit_on_splits
 
 TRAIN_STATE = "train_state.pt"
 
@@ -528,7 +528,7 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                 b = (b.pin_memory() if device.type == "cuda" else b).to(device, non_blocking=True)
                 if t_cfg.word_dropout > 0:
                     b = replace(b, src=drop_words(b.src, t_cfg.word_dropout))
-                if t_cfg.topic_dropout > 0 and cfg.model.unknown_topic:
+                if t_cfg.topic_dropout > 0:  # then cfg.model.unknown_topic is set (checked at the start)
                     b = replace(b, label=drop_topics(b.label, t_cfg.topic_dropout, cfg.model.num_labels))
                 try:
                     loss_val, n_tok = train_step(train_model, b, optimizer, scaler, amp=amp,

@@ -109,7 +109,7 @@ def topic_label(value: Any, bot: ChatBot) -> int | None:
         label = int(value)
     except (TypeError, ValueError):
         return None
-    return label if 0 <= label < len(bot.topic_names) and bot.reads_topic else None
+    return label if 0 <= label < len(bot.topic_names) else None  # no names: the model reads no topic
 
 
 def topic_note(reply: Reply | None) -> str:
