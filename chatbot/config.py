@@ -65,6 +65,7 @@ class ModelConfig:
     char_dim: int = 0  # >0: each question piece also gets the mean of its characters' embeddings (this size), projected and added
     char_vocab_size: int = 0  # character ids (set from the tokenizer when char_dim > 0)
     max_piece_chars: int = 8  # characters kept per piece for char_dim
+    memory_noise: float = 0.0  # >0: Gaussian noise (this share of their RMS) on the encoder outputs and the decoder's first state, training only
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TYPES:
@@ -73,6 +74,8 @@ class ModelConfig:
             raise ValueError(f"model.rnn must be one of {RNN_TYPES}, got {self.rnn!r}")
         if self.hidden_dim % 2:
             raise ValueError("model.hidden_dim must be even (the bidirectional encoder splits it)")
+        if self.memory_noise < 0:
+            raise ValueError(f"model.memory_noise must be >= 0, got {self.memory_noise}")
         if self.char_dim < 0 or self.max_piece_chars < 1:
             raise ValueError("model.char_dim must be >= 0 (0 = off) and model.max_piece_chars >= 1")
 
@@ -99,6 +102,7 @@ class TrainConfig:
     save_every: int = 0  # >0: also save the resumable state every N steps
     subword_alpha: float = 0.0  # >0: questions re-segmented every epoch by sentencepiece sampling (this smoothing)
     word_dropout: float = 0.0  # share of question pieces replaced by <unk> in training
+    answer_word_dropout: float = 0.0  # share of the answer pieces the decoder reads (teacher forcing) replaced by <unk>
     topic_dropout: float = 0.0  # share of training questions whose topic (model.num_labels) is read as "unknown"
     select: str = "loss"  # loss | chrf: what picks best/ and drives early stopping (chrf: greedy on validation)
 
@@ -107,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"train.select must be one of {SELECT_BY}, got {self.select!r}")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ValueError(f"train.word_dropout must be in [0, 1), got {self.word_dropout}")
+        if not 0.0 <= self.answer_word_dropout < 1.0:
+            raise ValueError(f"train.answer_word_dropout must be in [0, 1), got {self.answer_word_dropout}")
         if not 0.0 <= self.topic_dropout < 1.0:
             raise ValueError(f"train.topic_dropout must be in [0, 1), got {self.topic_dropout}")
         if self.subword_alpha < 0:

@@ -20,10 +20,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import sacrebleu
+import torch
+import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize as l2_normalize
 
-from .batching import encode_pairs
+from .batching import encode_pairs, pad
+from .config import EOS_ID
 from .data import load_corpus, split_corpus
 from .inference import ChatBot
 from .losses import corpus_cross_entropy
@@ -42,6 +45,32 @@ class RetrievalBaseline:
         q = l2_normalize(self.vectorizer.transform([normalize(x) for x in questions]))
         best = np.asarray((q @ self.matrix.T).argmax(axis=1)).ravel()
         return [self.answers[i] for i in best]
+
+
+@torch.inference_mode()
+def encoder_keys(bot: ChatBot, questions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Each question as the model's encoder sees it, (N, 2H): its decoder's first state and the mean of
+    its encoder outputs, each scaled to unit length (no topic read, for a topic model)."""
+    model, keys = bot.model, []
+    for i in range(0, len(questions), batch_size):
+        src = [bot.tokenizer.encode(q)[: bot.max_source_len] or [EOS_ID] for q in questions[i: i + batch_size]]
+        memory = model.encode(pad(src).to(bot.device), torch.tensor([len(x) for x in src], device=bot.device))
+        state = memory.state[0] if isinstance(memory.state, tuple) else memory.state
+        mask = memory.mask.unsqueeze(-1).to(memory.values.dtype)
+        mean = (memory.values * mask).sum(1) / mask.sum(1)
+        keys.append(torch.cat([F.normalize(state[-1].float(), dim=-1), F.normalize(mean.float(), dim=-1)], -1))
+    return torch.cat(keys).cpu()
+
+
+def encoder_neighbour_answers(bot: ChatBot, train_questions: Sequence[str], train_answers: Sequence[str],
+                              questions: Sequence[str]) -> list[str]:
+    """A probe, never a reply: the training answer whose question lies nearest each question in the
+    model's encoder space (cosine of :func:`encoder_keys`). Scored like retrieval, it tells whether a
+    miss is the encoder's (it does not place a paraphrase near its training twin) or the decoder's
+    (it does, and the reply still differs)."""
+    train, test = encoder_keys(bot, train_questions), encoder_keys(bot, questions)
+    best = [int(i) for j in range(0, len(test), 1024) for i in (test[j: j + 1024] @ train.T).argmax(1)]
+    return [train_answers[i] for i in best]
 
 
 def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -128,6 +157,8 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     base_replies = baseline.reply(questions)
     model_fig = {"perplexity": math.exp(min(ce, 50)), **text_metrics(replies, answers)}
     base_fig = text_metrics(base_replies, answers)
+    probe = text_metrics(encoder_neighbour_answers(bot, list(splits["train"]["Q"]), list(splits["train"]["A"]),
+                                                   questions), answers)
     ref_fig = {k: v for k, v in text_metrics(answers, answers).items()
                if k in ("distinct_1", "distinct_2", "unique_reply_rate")}
     lengths = [len(bot.tokenizer.encode(q)[: cfg.max_source_len]) for q in questions]
@@ -151,6 +182,8 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
         "model": {k: round(v, 4) for k, v in model_fig.items()},
         "retrieval_baseline": {k: round(v, 4) for k, v in base_fig.items()},
         "references": {k: round(v, 4) for k, v in ref_fig.items()},
+        # a probe, not a reply: the answer of the training question nearest in the encoder's space
+        "encoder_neighbour": {k: round(probe[k], 4) for k in ("chrf", "exact_match")},
         "chrf_by_answer_seen": by_seen,
         "chrf_by_source_length": {"model": chrf_by_length(lengths, replies, answers),
                                   "retrieval_baseline": chrf_by_length(lengths, base_replies, answers)},

@@ -48,6 +48,13 @@ def select_state(state: State, index: Tensor) -> State:
     return state.index_select(1, index)
 
 
+def _noisy(x: State, scale: float) -> State:
+    """x plus Gaussian noise of std ``scale`` x x's root mean square (not differentiated through)."""
+    if isinstance(x, tuple):
+        return tuple(_noisy(s, scale) for s in x)
+    return x + (scale * x.detach().float().pow(2).mean().sqrt()).to(x.dtype) * torch.randn_like(x)
+
+
 def _top_hidden(state: State) -> Tensor:
     """The last layer's hidden state, (B, H)."""
     h = state[0] if isinstance(state, tuple) else state
@@ -188,9 +195,16 @@ class Seq2Seq(nn.Module):
     def encode(self, src: Tensor, src_len: Tensor, label: Tensor | None = None) -> Memory:
         """src (B, S) token ids, src_len (B,) -> Memory."""
         values, final = self.encoder(src, src_len, label)
+        state = self.bridge(final)
+        if self.training and self.cfg.memory_noise > 0:
+            # Blur each training question's point in state space, so that a paraphrase that lands
+            # near it decodes its answer (the encoder's nearest training question is right as often
+            # as TF-IDF's, the greedy reply much less: docs/experiments.md).
+            values = _noisy(values, self.cfg.memory_noise)
+            state = _noisy(state, self.cfg.memory_noise)
         keys = self.attention.project_keys(values) if self.attention is not None else values
         mask = src != PAD_ID  # (B, S)
-        return Memory(values, keys, mask, self.bridge(final))
+        return Memory(values, keys, mask, state)
 
     # ------------------------------------------------------------------ decoder
     def _features(self, h: Tensor, context: Tensor | None, positions: Tensor | None = None) -> Tensor:

@@ -266,9 +266,12 @@ def drop_topics(label: Tensor, p: float, unknown: int) -> Tensor:
     return label.masked_fill(torch.rand(label.shape, device=label.device) < p, unknown)
 
 
-def drop_words(src: Tensor, p: float) -> Tensor:
-    """Replace a share ``p`` of the real (non-pad) pieces of ``src`` by ``<unk>`` (global torch RNG)."""
+def drop_words(src: Tensor, p: float, keep_first: bool = False) -> Tensor:
+    """Replace a share ``p`` of the real (non-pad) pieces of ``src`` by ``<unk>`` (global torch RNG);
+    ``keep_first``: never the first column (the decoder's ``<s>``)."""
     hit = (torch.rand(src.shape, device=src.device) < p) & (src != PAD_ID)
+    if keep_first:
+        hit[:, 0] = False
     return src.masked_fill(hit, UNK_ID)
 
 
@@ -528,6 +531,9 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
                 b = (b.pin_memory() if device.type == "cuda" else b).to(device, non_blocking=True)
                 if t_cfg.word_dropout > 0:
                     b = replace(b, src=drop_words(b.src, t_cfg.word_dropout))
+                if t_cfg.answer_word_dropout > 0:  # the decoder reads fewer of the reference's pieces (Bowman
+                    # et al., 2016): it must lean on the question, not on the answer so far; targets unchanged
+                    b = replace(b, tgt_in=drop_words(b.tgt_in, t_cfg.answer_word_dropout, keep_first=True))
                 if t_cfg.topic_dropout > 0:  # then cfg.model.unknown_topic is set (checked at the start)
                     b = replace(b, label=drop_topics(b.label, t_cfg.topic_dropout, cfg.model.num_labels))
                 try:

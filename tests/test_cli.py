@@ -53,6 +53,8 @@ def test_evaluate_prints_model_and_baseline_figures(tiny_checkpoint, tiny_corpus
     seen = result["chrf_by_answer_seen"]  # test pairs whose answer is / is not also a training answer
     assert seen["answer_in_train"]["pairs"] + seen["answer_new"]["pairs"] == result["pairs"]
     assert all(g["model_chrf"] is None or 0 <= g["model_chrf"] <= 100 for g in seen.values())
+    probe = result["encoder_neighbour"]  # training answers of the encoder's nearest training questions
+    assert 0 <= probe["exact_match"] <= 1 and 0 < probe["chrf"] <= 100
 
 
 def test_corrupt_checkpoint_exits_non_zero_without_a_traceback(tiny_checkpoint, tmp_path):

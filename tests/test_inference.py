@@ -6,6 +6,7 @@ import torch
 import pytest
 
 from chatbot.inference import EMPTY_PROMPT, MAX_MESSAGE_CHARS
+from corpus import BASE_PAIRS
 
 
 def test_reply_has_pieces_and_attention(tiny_bot):
@@ -78,3 +79,15 @@ def test_int8_quantized_bot_gives_valid_replies_and_streams(tiny_checkpoint):
     steps = list(bot.stream("헤어졌어"))
     assert steps[-1].reply.text == bot.reply("헤어졌어").text
     assert not ChatBot.from_checkpoint(tiny_checkpoint, device="cpu").quantized  # auto: tiny models stay fp32
+
+
+def test_the_encoder_neighbour_probe_finds_each_training_question_itself(tiny_bot):
+    from chatbot.evaluate import encoder_keys, encoder_neighbour_answers
+
+    questions = list(dict.fromkeys(q for q, _, _ in BASE_PAIRS))[:12]
+    answers = [f"answer {i}" for i in range(len(questions))]  # one per question: a miss shows
+    keys = encoder_keys(tiny_bot, questions, batch_size=5)  # batches of 5: padding must not matter
+    assert keys.shape == (len(questions), tiny_bot.config.model.hidden_dim * 2)
+    torch.testing.assert_close(keys, encoder_keys(tiny_bot, questions[::-1])[range(len(questions) - 1, -1, -1)])
+    assert encoder_neighbour_answers(tiny_bot, questions, answers, questions) == answers
+    assert encoder_neighbour_answers(tiny_bot, questions, answers, questions[3:5]) == answers[3:5]

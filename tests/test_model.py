@@ -177,3 +177,20 @@ def test_character_bag_relates_pieces_that_share_characters(tiny_checkpoint):
     with torch.no_grad():
         expected_a = bag.proj(bag.embedding.weight[sorted(chars_a)].mean(0)) if chars_a else torch.zeros(8)
     torch.testing.assert_close(out[0, 0], expected_a)
+
+
+@pytest.mark.parametrize("rnn", ["gru", "lstm"])
+def test_memory_noise_blurs_training_passes_only(rnn):
+    model = tiny("general", rnn, memory_noise=0.5)
+    src, src_len, tgt_in = make_batch()
+    quiet = tiny("general", rnn)  # same seed: the same weights, no noise
+    eval_logits, _ = model(src, src_len, tgt_in)
+    torch.testing.assert_close(eval_logits, quiet(src, src_len, tgt_in)[0])  # eval: noise off
+    model.train(), quiet.train()  # dropout is 0: only the noise makes passes differ
+    first, second, clean = model(src, src_len, tgt_in)[0], model(src, src_len, tgt_in)[0], quiet(src, src_len, tgt_in)[0]
+    assert not torch.allclose(first, second) and not torch.allclose(first, clean)
+    torch.testing.assert_close(clean, eval_logits)
+    first.sum().backward()  # differentiable through the noisy memory
+    assert model.encoder.rnn.weight_hh_l0.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="memory_noise"):
+        ModelConfig(memory_noise=-0.1)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from chatbot.checkpoint import load_checkpoint, read_metrics
-from chatbot.config import load_config
+from chatbot.config import TrainConfig, load_config
 from chatbot.train import TrainingError, train
 from conftest import ROOT, train_tiny
 
@@ -125,6 +125,32 @@ def test_word_dropout_hits_about_its_share_of_real_pieces_and_never_padding():
     hit = out[:, :20] != src[:, :20]
     assert (out[:, :20][hit] == UNK_ID).all()
     assert 0.22 < hit.float().mean().item() < 0.28
+    src[:, 0] = 2  # <s>: what the decoder reads first stays
+    kept = drop_words(src, 0.5, keep_first=True)
+    assert (kept[:, 0] == 2).all() and (kept[:, 1:20] == UNK_ID).float().mean() > 0.4
+
+
+def test_answer_word_dropout_hits_the_decoders_input_and_never_the_targets(tiny_corpus_csv, tmp_path, monkeypatch):
+    import chatbot.train as training
+    from chatbot.config import BOS_ID, EOS_ID, UNK_ID
+
+    seen, real_step = [], training.train_step
+
+    def recording_step(model, b, *args, **kwargs):  # the real step, with the batch it got noted
+        seen.append((b.tgt_in.clone(), b.tgt_out.clone()))
+        return real_step(model, b, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", recording_step)
+    best = train_tiny(tiny_corpus_csv, tmp_path, **{"train.answer_word_dropout": "0.3", "train.epochs": "2"})
+    assert load_checkpoint(best).config.train.answer_word_dropout == 0.3
+    assert all((i[:, 0] == BOS_ID).all() for i, _ in seen)  # <s> is always read
+    # the input is the target shifted by one, but for the hidden pieces; the targets are whole
+    assert all(((i[:, 1:] == o[:, :-1]) | (i[:, 1:] == UNK_ID) | (o[:, :-1] == EOS_ID)).all() for i, o in seen)
+    hidden = sum(((i[:, 1:] == UNK_ID) & (o[:, :-1] != UNK_ID)).sum() for i, o in seen)
+    real = sum((o[:, :-1] > EOS_ID).sum() for _, o in seen)
+    assert 0.15 < hidden / real < 0.45
+    with pytest.raises(ValueError, match="answer_word_dropout"):
+        TrainConfig(answer_word_dropout=1.0)
 
 
 def test_selecting_by_chrf_keeps_the_epoch_with_the_best_validation_chrf(tiny_corpus_csv, tmp_path):
