@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize as l2_normalize
 
-from .batching import encode_pairs, pad
+from .batching import encode_pairs
 from .config import EOS_ID
 from .data import load_corpus, split_corpus
 from .inference import ChatBot
@@ -51,10 +51,10 @@ class RetrievalBaseline:
 def encoder_keys(bot: ChatBot, questions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Each question as the model's encoder sees it, (N, 2H): its decoder's first state and the mean of
     its encoder outputs, each scaled to unit length (no topic read, for a topic model)."""
-    model, keys = bot.model, []
-    for i in range(0, len(questions), batch_size):
-        src = [bot.tokenizer.encode(q)[: bot.max_source_len] or [EOS_ID] for q in questions[i: i + batch_size]]
-        memory = model.encode(pad(src).to(bot.device), torch.tensor([len(x) for x in src], device=bot.device))
+    keys = []
+    for i in range(0, len(questions), batch_size):  # each question cut and padded as a reply would see it
+        src, src_len, _ = bot._tensors([bot._encode(q)[0] or [EOS_ID] for q in questions[i: i + batch_size]], None)
+        memory = bot.model.encode(src, src_len)
         state = memory.state[0] if isinstance(memory.state, tuple) else memory.state
         mask = memory.mask.unsqueeze(-1).to(memory.values.dtype)
         mean = (memory.values * mask).sum(1) / mask.sum(1)
