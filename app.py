@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         bots = load_bots(args.checkpoint, args.device)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    launch(build_demo(bots), checkpoint_dirs=[b.path for b in bots.values() if b.path])
+    launch(build_demo(bots, ROOT / "docs" / "chrf_by_length.png"), checkpoint_dirs=[b.path for b in bots.values() if b.path],
+           private_dirs=[CHECKPOINTS, ROOT / "data"])
 
 
 if __name__ == "__main__":

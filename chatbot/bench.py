@@ -5,7 +5,7 @@ ratios that survive a noisy or shared machine:
 
 * training throughput (target tokens/s, forward + backward + AdamW step) of
   :func:`chatbot.train.train_step` on length-bucketed batches, and of the naive tutorial
-  reference (``benchmarks/naive_seq2seq.py``) on the same batches -> ``train_speedup_vs_naive``;
+  reference (``chatbot/naive_seq2seq.py``) on the same batches -> ``train_speedup_vs_naive``;
 * model FLOP utilisation: analytic matmul FLOPs of our step (real tokens only, backward = 2x
   forward) per second ÷ this machine's matmul FLOP/s for the compute dtype, measured here;
 * reply latency p50 / p95 for greedy and beam 5 at batch size 1, and batched replies/s;
@@ -36,12 +36,14 @@ import torch
 
 from .batching import Batch, EncodedPairs, batch_order, collate
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, ModelConfig, TokenizerConfig, load_config
+from .config import Config, ModelConfig, TokenizerConfig
+from .inference import default_checkpoint
 from .model import build_model, count_parameters
+from .search import DecodeOptions
 from .text import Tokenizer
 from .train import autocast_dtype, keep_freed_memory, make_optimizer, pick_device, set_threads, train_step
 
-ROOT = Path(__file__).resolve().parent.parent
+IMPORT_PATH = str(Path(__file__).resolve().parent.parent)  # where this package is imported from (for the app probe)
 TYPICAL_MESSAGES = ["안녕", "오늘 너무 힘들었어", "점심 뭐 먹지", "헤어진 지 한 달 됐어", "좋아하는 사람이 생겼어",
                     "주말에 뭐 하지", "잠이 안 와", "시험 망쳤어", "여행 가고 싶다", "고백할까"]
 
@@ -98,7 +100,7 @@ def fresh_checkpoint(cfg: Config, folder: Path, small: bool = False) -> Path:
     tokenizer = Tokenizer.train(corpus, cfg.tokenizer, num_threads=1)
     cfg.model.vocab_size = tokenizer.vocab_size
     torch.manual_seed(0)
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(cfg.model)
     return save_checkpoint(folder, model, tokenizer, cfg, meta={"note": "untrained (benchmark)"},
                            dtype=torch.float16)
 
@@ -170,9 +172,7 @@ def _timed(fn: Callable[[], Any], reps: int, device: torch.device, warmup: int =
 def bench_training(cfg: Config, plan: Plan, device: torch.device) -> dict[str, Any]:
     """Our training step and the naive reference on the same batches, in ``plan.rounds`` alternating
     turns (step i of either one trains on batch i), so both see the same data and the same host."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from benchmarks.naive_seq2seq import NaiveSeq2Seq, naive_train_step
+    from .naive_seq2seq import NaiveSeq2Seq, naive_train_step
 
     m_cfg = cfg.model
     pairs = synthetic_pairs(plan.pairs, m_cfg.vocab_size, max_len=cfg.data.max_target_len)
@@ -289,7 +289,7 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_reply_s": t3 - 
 
 def bench_app(path: Path, device: torch.device, max_len: int) -> dict[str, Any]:
     """A fresh process: start -> imports -> load checkpoint -> first reply; its peak RSS."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([IMPORT_PATH, os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _APP_PROBE, str(path), str(torch.get_num_threads()),
                            str(device), str(max_len)], capture_output=True, text=True, env=env, timeout=600)
@@ -303,6 +303,17 @@ def bench_app(path: Path, device: torch.device, max_len: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the run
+def bench_config(mode: str) -> Config:
+    """The shipped recipe (``Config()``); for ``smoke``, tiny sizes that run in seconds."""
+    cfg = Config()
+    if mode == "smoke":
+        cfg.data.max_source_len = cfg.data.max_target_len = 24
+        cfg.model = ModelConfig(emb_dim=32, hidden_dim=64, dropout=0.1)
+        cfg.train.batch_size, cfg.train.amp = 8, "off"
+        cfg.tokenizer = TokenizerConfig(vocab_size=300)
+    return cfg
+
+
 def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads: int = 0,
               device_name: str = "auto", log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
               ) -> dict[str, Any]:
@@ -311,13 +322,8 @@ def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads:
     device = pick_device(device_name)
     if device.type == "cpu":
         keep_freed_memory()  # as training does; both the naive reference and ours run under it
-    cfg = load_config(ROOT / "configs" / ("tiny.yaml" if mode == "smoke" else "default.yaml"))
-    cfg.model.dropout = load_config(ROOT / "configs" / "default.yaml").model.dropout if mode != "smoke" else 0.1
-    if mode == "smoke":
-        cfg.train.batch_size = 8
-        cfg.tokenizer = TokenizerConfig(vocab_size=300)
-
-    default_ck = ROOT / "checkpoints" / "default"
+    cfg = bench_config(mode)
+    default_ck = default_checkpoint()
     path = Path(checkpoint) if checkpoint else (default_ck if default_ck.exists() and mode != "smoke" else None)
     tmp = tempfile.TemporaryDirectory(prefix="chatbot-bench-")
     if path is None:
@@ -327,7 +333,7 @@ def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads:
     cfg.model = ck.config.model  # the checkpoint's size (and vocabulary) for every figure
     trained = "untrained" not in str(ck.meta.get("note", ""))
     # An untrained model almost never says </s>; cut its replies at a typical answer length (10 pieces).
-    max_len = 40 if trained else 10
+    max_len = DecodeOptions().max_len if trained else 10
     log(f"model: {count_parameters(ck.model):,} parameters (emb {cfg.model.emb_dim}, hidden {cfg.model.hidden_dim}, "
         f"vocab {cfg.model.vocab_size}) from {path}; device {device}, threads {torch.get_num_threads()}, mode {mode}")
 

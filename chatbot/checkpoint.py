@@ -7,7 +7,8 @@ A checkpoint is a folder::
     tokenizer.model     the sentencepiece model
     metrics.jsonl       the training log (one JSON object per line), if any
     README.md           a short model card
-    topic.safetensors   the topic classifier, for models that read a topic (model.num_labels > 0)
+    topic.safetensors   the topic classifier, for models that read a topic (model.num_topics > 0)
+    recall.safetensors  the recall index (training pairs), for models that read recalls (model.recall_k > 0)
     manifest.json       SHA-256 and size of every file above, verified at load
 
 Saving is atomic: the folder is written under a temporary name and swapped in, so a crash
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from .config import Config
 from .model import Seq2Seq, build_model
 from .text import Tokenizer
+from .recall import RECALL_FILE, RecallIndex
 from .topic import TOPIC_FILE, TopicClassifier
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS, CARD, MANIFEST = (
@@ -51,7 +53,8 @@ class Checkpoint:
     config: Config
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
-    topic: TopicClassifier | None = None  # predicts the topic label from a message (label models)
+    topic_classifier: TopicClassifier | None = None  # predicts the topic of a message (model.num_topics > 0)
+    recall_index: RecallIndex | None = None  # the training pairs a recall model reads (model.recall_k > 0)
 
 
 def sha256(path: Path) -> str:
@@ -80,7 +83,8 @@ def _unique_state(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str
 def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, config: Config, *,
                     meta: dict[str, Any] | None = None, metrics_path: str | Path | None = None,
                     extra_files: dict[str, Path] | None = None, dtype: torch.dtype | None = None,
-                    card: str | None = None, warn_size: bool = True, topic: TopicClassifier | None = None) -> Path:
+                    card: str | None = None, warn_size: bool = True, topic: TopicClassifier | None = None,
+                    recall: RecallIndex | None = None) -> Path:
     """Write a checkpoint folder atomically. ``dtype=torch.float16`` halves the weights file.
 
     ``warn_size``: log files over the 10 MB Spaces limit (off for training's resume state, never shipped)."""
@@ -99,6 +103,8 @@ def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, conf
         shutil.copyfile(src, tmp / name)
     if topic is not None:
         topic.save(tmp / TOPIC_FILE)
+    if recall is not None:
+        recall.save(tmp / RECALL_FILE)
     (tmp / CARD).write_text(card or model_card(config, meta), encoding="utf-8")
     manifest = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                 for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -205,10 +211,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             topic = TopicClassifier.load(path / TOPIC_FILE)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path / TOPIC_FILE} is not a readable topic classifier ({e})") from None
-        if topic.num_labels != config.model.num_labels:
-            raise CheckpointError(f"{path / TOPIC_FILE} predicts {topic.num_labels} topics but {path / CONFIG} "
-                                  f"says num_labels={config.model.num_labels}: the files come from different runs")
-    return Checkpoint(model, tokenizer, config, meta, path, topic)
+        if topic.num_topics != config.model.num_topics:
+            raise CheckpointError(f"{path / TOPIC_FILE} predicts {topic.num_topics} topics but {path / CONFIG} "
+                                  f"says model.num_topics={config.model.num_topics}: the files come from different runs")
+    return Checkpoint(model, tokenizer, config, meta, path, topic, _load_recall(path, config))
+
+
+def _load_recall(path: Path, config: Config) -> RecallIndex | None:
+    """The recall index a model with ``model.recall_k`` needs (a clear error where it is missing)."""
+    if not config.model.recall_k:
+        return None
+    if not (path / RECALL_FILE).is_file():
+        raise CheckpointError(f"{path} reads {config.model.recall_k} recalled pairs (model.recall_k) but has no "
+                              f"{RECALL_FILE}; re-train it or pass another --checkpoint")
+    try:
+        return RecallIndex.load(path / RECALL_FILE)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / RECALL_FILE} is not a readable recall index ({e})") from None
 
 
 def _is_alias(sd: dict[str, torch.Tensor], key: str, state: dict[str, torch.Tensor]) -> bool:
@@ -239,7 +258,7 @@ def _resave(path: str | Path, meta: dict[str, Any] | None = None, topic: TopicCl
     dtype = {t.dtype for t in load_file(str(path / WEIGHTS)).values() if t.is_floating_point()}
     return save_checkpoint(path, ck.model, ck.tokenizer, ck.config, meta={**ck.meta, **(meta or {})},
                            metrics_path=path / METRICS, dtype=torch.float16 if dtype == {torch.float16} else None,
-                           topic=topic or ck.topic)
+                           topic=topic or ck.topic_classifier, recall=ck.recall_index)
 
 
 def rewrite_card(path: str | Path, evaluation: str) -> Path:
@@ -251,9 +270,9 @@ def add_topic_classifier(path: str | Path, topic: TopicClassifier, accuracy: dic
                          command: str | None = None) -> Path:
     """Add (or replace) the topic classifier of a checkpoint whose model reads a topic."""
     config, _ = read_config(path)
-    if config.model.num_labels != topic.num_labels:
-        raise CheckpointError(f"{path}: the model reads {config.model.num_labels} topics (model.num_labels), "
-                              f"the classifier predicts {topic.num_labels}")
+    if config.model.num_topics != topic.num_topics:
+        raise CheckpointError(f"{path}: the model reads {config.model.num_topics} topics (model.num_topics), "
+                              f"the classifier predicts {topic.num_topics}")
     meta = {**({"topic_accuracy": accuracy} if accuracy else {}), **({"topic_command": command} if command else {})}
     return _resave(path, meta, topic)
 
@@ -264,17 +283,16 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
         "# Korean attention seq2seq chatbot",
         "",
         f"- Architecture: embedding {m.emb_dim}"
-        f"{f' (+ a {m.char_dim}-wide bag of each question piece’s characters)' if m.char_dim else ''}"
         f" -> bidirectional {m.rnn.upper()} encoder "
         f"({m.enc_layers} layer(s), {m.hidden_dim // 2} per direction) -> {m.rnn.upper()} decoder "
         f"({m.dec_layers} layer(s), {m.hidden_dim}) with `{m.attention}` attention"
         f"{', tied output embedding' if m.tie_embeddings else ''}.",
         f"- Parameters: {meta.get('parameters', '?'):,}" if isinstance(meta.get("parameters"), int)
         else "- Parameters: ?",
-        *([f"- Reads the question's topic (the corpus label, {m.num_labels} topics) as one more input vector; "
+        *([f"- Reads the question's topic (the corpus label, {m.num_topics} topics) as one more input vector; "
            f"without one, a character n-gram classifier (`topic.safetensors`) predicts it from the message"
            + (f" (agrees with the corpus label on {acc.get('val', 0):.1%} of validation questions)"
-              if isinstance(acc := meta.get('topic_accuracy'), dict) else "") + "."] if m.num_labels else []),
+              if isinstance(acc := meta.get('topic_accuracy'), dict) else "") + "."] if m.num_topics else []),
         f"- Tokenizer: sentencepiece {config.tokenizer.model_type}, {m.vocab_size} pieces"
         f"{', konlpy Okt morphemes first' if config.tokenizer.morphemes else ''}; NFC normalisation.",
         "- Corpus: ChatbotData (songys/Chatbot_data, MIT licence), split by unique question.",

@@ -6,7 +6,9 @@ import json
 import os
 import shlex
 import sys
-from typing import Any
+from typing import Any, Callable, NoReturn
+
+from .search import OPTIONS, DecodeOptions, OptionSpec
 
 HELP = """Korean attention seq2seq chatbot.
 
@@ -20,30 +22,77 @@ HELP = """Korean attention seq2seq chatbot.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where to read more, not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+FLAG_ALIASES = {"beam_size": ("--beam",)}  # the CLI's older, shorter name
+FLAG_NOTES = {  # what a flag means here beyond the option itself
+    "strategy": "Beam if --beam > 1.",
+    "beam_size": "More than 1 alone means beam search.",
+    "n_best": "The n-best list appears with --json; without it each input line gets the best reply.",
+}
+STRATEGY_NAMES = {"beam": "beam search", "sample": "sampling"}
+REPORTED_WHEN_SET = ("min_len", "inspect_k")  # newer flags: left out at their defaults, so a default
+# run's decoding record (evaluate's JSON and model card) reads as before
+
+
+def _checked(spec: OptionSpec) -> Callable[[str], Any]:
+    """An argparse ``type`` for ``spec``: the value, or an error naming the limits."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = spec.type(text)
+        except ValueError:
+            kind = "an integer" if spec.type is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        problem = spec.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    return parse
+
+
+def _option_help(spec: OptionSpec) -> str:
+    scope = f"{STRATEGY_NAMES[spec.strategies[0]]}: " if len(spec.strategies) == 1 else ""
+    default = "none" if spec.default is None else spec.default
+    note = f" {FLAG_NOTES[spec.name]}" if spec.name in FLAG_NOTES else ""
+    limits = "" if spec.choices else f"{spec.range_text()}, "
+    return f"{scope}{spec.help} [{limits}default {default}].{note}".replace("%", "%%")
+
+
 def _decoding_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--strategy", choices=["greedy", "beam", "sample"], default=None,
-                   help="decoding strategy (default greedy; beam if --beam > 1)")
-    g.add_argument("--beam", type=int, default=1, help="beam size (>1 means beam search)")
-    g.add_argument("--n-best", type=int, default=1, help="beam search: hypotheses to return")
-    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: GNMT length penalty alpha")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely pieces (0 = all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
-    g.add_argument("--max-len", type=int, default=40, help="maximum reply pieces")
-    g.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeated pieces")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    """One flag per :class:`chatbot.search.DecodeOptions` field (``max_len`` -> ``--max-len``), its
+    default, limits and help taken from the field."""
+    g = p.add_argument_group("decoding", "(defaults and limits: chatbot.search.DecodeOptions)")
+    p.set_defaults(decoding_parser=p)  # main checks the limits between flags and reports them here
+    for spec in OPTIONS.values():
+        flags = ["--" + spec.name.replace("_", "-"), *FLAG_ALIASES.get(spec.name, ())]
+        # no default for these two: the strategy follows --beam unless given, and --beam only when given
+        default = None if spec.name in ("strategy", "beam_size") else spec.default
+        if spec.choices:
+            g.add_argument(*flags, choices=spec.choices, default=default, help=_option_help(spec))
+        else:
+            g.add_argument(*flags, dest=spec.name, type=_checked(spec), default=default,
+                           metavar="N" if spec.type is int else "X", help=_option_help(spec))
 
 
 def _decoding(a: argparse.Namespace) -> dict[str, Any]:
-    strategy = a.strategy or ("beam" if a.beam > 1 else "greedy")
-    d: dict[str, Any] = {"strategy": strategy, "max_len": a.max_len, "no_repeat_ngram": a.no_repeat_ngram,
-                         "repetition_penalty": a.repetition_penalty}
-    if strategy == "beam":
-        d.update(beam_size=max(1, a.beam), n_best=a.n_best, length_penalty=a.length_penalty)
-    if strategy == "sample":
-        d.update(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    """The decoding flags as DecodeOptions fields: those of every strategy, then the chosen one's own."""
+    strategy = a.strategy or ("beam" if (a.beam_size or 1) > 1 else "greedy")
+    d: dict[str, Any] = {"strategy": strategy}
+    shared = [s for s in OPTIONS.values() if len(s.strategies) > 1 and s.name != "strategy"]
+    own = [s for s in OPTIONS.values() if s.strategies == (strategy,)]
+    for spec in shared + own:
+        value = getattr(a, spec.name)
+        if value is None and spec.name == "beam_size":  # --strategy beam without --beam
+            value = spec.default
+        if spec.name not in REPORTED_WHEN_SET or value != spec.default:
+            d[spec.name] = value
     return d
 
 
@@ -64,7 +113,7 @@ def _overrides(extra: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m chatbot", description=HELP,
+    parser = _Parser(prog="python -m chatbot", description=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -83,16 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("topic", help="fit the topic classifier of a checkpoint that reads a topic",
                        description="Fit the character n-gram topic classifier on the checkpoint's training split "
                                    "and add it to the checkpoint (topic.safetensors): a model trained with "
-                                   "model.num_labels then answers messages without a given topic. `train` "
+                                   "model.num_topics then answers messages without a given topic. `train` "
                                    "does this itself; this command is for checkpoints trained before it did.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.num_labels > 0)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.num_topics > 0)")
     p.add_argument("--data", default=None, help="corpus CSV (default: $CHATBOT_DATA or data/ChatbotData.csv)")
 
     p = sub.add_parser("reply", help="reply to each line of stdin, one line each")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped checkpoints/default)")
     p.add_argument("--topic", type=int, default=None,
-                   help="topic label for a model that reads one (0 everyday, 1 breakup, 2 love, 3 unknown where "
-                        "the model has it; default: predicted)")
+                   help="topic for a model that reads one (0 everyday, 1 breakup, 2 love; default: predicted)")
     p.add_argument("--json", action="store_true", help="one JSON object per line: reply, tokens and attention")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _decoding_args(p)
@@ -107,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table to stderr")
-    p.add_argument("--topics", default="predicted", choices=["predicted", "corpus", "unknown"],
+    p.add_argument("--topics", default="predicted", choices=["predicted", "corpus"],
                    help="for a model that reads a topic: predicted from each question as the demo does "
-                        "(default), the corpus's own label, or 'unknown' (models trained with train.topic_dropout)")
+                        "(default), or the corpus's own label")
+    p.add_argument("--probe", action="store_true",
+                   help="also score the encoder-neighbour probe: the answer of the training question nearest "
+                        "in the model's encoder space (a diagnostic, never a reply)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _decoding_args(p)
 
@@ -145,10 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "decoding_parser", None):
+        try:  # limits between flags (--n-best <= --beam), before any checkpoint loads
+            DecodeOptions(**_decoding(args))
+        except ValueError as e:
+            args.decoding_parser.error(str(e))
     from .checkpoint import CheckpointError
     from .data import CorpusError
     try:
-        return _run(args, extra, argv)
+        return COMMANDS[args.command](args, extra, argv)
     except (CheckpointError, CorpusError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -160,116 +216,127 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
-    if args.command == "download":
-        from .config import default_data_path
-        from .data import DEFAULT_URL, download_corpus
-        path = download_corpus(args.url or DEFAULT_URL, args.out or default_data_path())
-        print(path)
-        return 0
+# ---------------------------------------------------------------- one function per command
+def _download(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from .config import default_data_path
+    from .data import DEFAULT_URL, download_corpus
+    path = download_corpus(args.url or DEFAULT_URL, args.out or default_data_path())
+    print(path)
+    return 0
 
-    if args.command == "train":
-        from .config import load_config
-        from .train import TrainingError, train
-        overrides = _overrides(extra)
-        if args.data:
-            overrides["data.path"] = args.data
-        if args.out:
-            overrides["train.out_dir"] = args.out
-        cfg = load_config(args.config, overrides)
-        try:
-            best = train(cfg, resume=args.resume, command="python -m chatbot " + shlex.join(argv))
-        except TrainingError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            from pathlib import Path
 
-            from .train import TRAIN_STATE
-            last = Path(cfg.train.out_dir) / "last"
-            again = argv if "--resume" in argv else [*argv, "--resume"]
-            hint = (f"; continue with: python -m chatbot {shlex.join(again)}" if (last / TRAIN_STATE).exists()
-                    else " before the first checkpoint; nothing to resume")
-            print(f"interrupted{hint}", file=sys.stderr)
-            return 130
-        print(best)
-        return 0
-
-    if args.command == "topic":
-        from .checkpoint import add_topic_classifier, read_config
-        from .config import default_data_path
-        from .data import load_corpus, split_corpus
-        from .topic import fit_on_splits
-        cfg, _ = read_config(args.checkpoint)
-        if not cfg.model.num_labels:
-            raise ValueError(f"{args.checkpoint} reads no topic (model.num_labels is 0): nothing to predict")
-        corpus = load_corpus(args.data or default_data_path(), verbose=False)
-        clf, acc = fit_on_splits(split_corpus(corpus.pairs, cfg.data.val_fraction, cfg.data.test_fraction),
-                                 cfg.model.num_labels)
-        add_topic_classifier(args.checkpoint, clf, acc, command="python -m chatbot " + shlex.join(argv))
-        print(json.dumps({"checkpoint": str(args.checkpoint), "topic_accuracy": acc}))
-        return 0
-
-    if args.command == "bench":
+def _train(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from .config import load_config
+    from .train import TrainingError, train
+    overrides = _overrides(extra)
+    if args.data:
+        overrides["data.path"] = args.data
+    if args.out:
+        overrides["train.out_dir"] = args.out
+    cfg = load_config(args.config, overrides)
+    try:
+        best = train(cfg, resume=args.resume, command="python -m chatbot " + shlex.join(argv))
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
         from pathlib import Path
 
-        from .bench import run_bench, table
-        result = run_bench("smoke" if args.smoke else "quick" if args.quick else "full", args.checkpoint,
-                           args.threads, args.device)
-        print(table(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
-        print(json.dumps(result, ensure_ascii=False))
-        return 0
+        from .train import TRAIN_STATE
+        last = Path(cfg.train.out_dir) / "last"
+        again = argv if "--resume" in argv else [*argv, "--resume"]
+        hint = (f"; continue with: python -m chatbot {shlex.join(again)}" if (last / TRAIN_STATE).exists()
+                else " before the first checkpoint; nothing to resume")
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
+    print(best)
+    return 0
 
-    if args.command == "loadtest":
+
+def _topic(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from .checkpoint import add_topic_classifier, read_config
+    from .config import default_data_path
+    from .data import load_corpus, split_corpus
+    from .topic import fit_on_splits
+    cfg, _ = read_config(args.checkpoint)
+    if not cfg.model.num_topics:
+        raise ValueError(f"{args.checkpoint} reads no topic (model.num_topics is 0): nothing to predict")
+    corpus = load_corpus(args.data or default_data_path(), verbose=False)
+    clf, acc = fit_on_splits(split_corpus(corpus.pairs, cfg.data.val_fraction, cfg.data.test_fraction),
+                             cfg.model.num_topics)
+    add_topic_classifier(args.checkpoint, clf, acc, command="python -m chatbot " + shlex.join(argv))
+    print(json.dumps({"checkpoint": str(args.checkpoint), "topic_accuracy": acc}))
+    return 0
+
+
+def _bench(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from .bench import run_bench, table
+    result = run_bench("smoke" if args.smoke else "quick" if args.quick else "full", args.checkpoint,
+                       args.threads, args.device)
+    print(table(result))
+    _write_json(result, args.json)
+    return 0
+
+
+def _loadtest(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from .loadtest import main as loadtest
+    counts = [int(n) for n in args.clients.split(",") if n.strip()]
+    if not counts or min(counts) < 1 or args.requests < 1:
+        raise ValueError("--clients needs positive counts (e.g. 1,4,16) and --requests at least 1")
+    result = loadtest(args.checkpoint or [], counts, args.requests, queue_size=args.queue_size,
+                      concurrency_limit=args.concurrency, timeout=args.timeout)
+    print(result.pop("table"))
+    _write_json(result, args.json)
+    return 0
+
+
+def _write_json(result: dict[str, Any], path: str | None) -> None:
+    """Write ``result`` to ``path`` when given, then print it as the last line (what scripts read)."""
+    if path:
         from pathlib import Path
+        Path(path).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+    print(json.dumps(result, ensure_ascii=False))
 
-        from .loadtest import main as loadtest
-        counts = [int(n) for n in args.clients.split(",") if n.strip()]
-        if not counts or min(counts) < 1 or args.requests < 1:
-            raise ValueError("--clients needs positive counts (e.g. 1,4,16) and --requests at least 1")
-        result = loadtest(args.checkpoint or [], counts, args.requests, queue_size=args.queue_size,
-                          concurrency_limit=args.concurrency, timeout=args.timeout)
-        print(result.pop("table"))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
-        print(json.dumps(result, ensure_ascii=False))
-        return 0
 
+def _evaluate(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from .config import default_data_path
+    from .evaluate import evaluate, markdown_table, plot_chrf_by_length
     from .inference import ChatBot
     decoding = _decoding(args)
+    results = []
+    for path in args.checkpoint or [None]:
+        bot = ChatBot.from_checkpoint(path, device=args.device)
+        result = evaluate(bot, args.data or default_data_path(), args.split, args.limit, topics=args.topics,
+                          probe=args.probe, **decoding)
+        if args.markdown:
+            print(f"{result['checkpoint']}:\n{markdown_table(result)}", file=sys.stderr)
+        if args.write_card:
+            from .checkpoint import rewrite_card
+            topics = f", topics {result['topics']}" if result.get("topics") else ""
+            if "topic_accuracy" in result:
+                topics += f" (classifier accuracy {result['topic_accuracy']:.1%})"
+            rewrite_card(bot.path, f"Test split ({result['pairs']} pairs), decoding {result['decoding']}{topics}:\n\n"
+                         + markdown_table(result))
+        results.append(result)
+    if args.plot:
+        plot_chrf_by_length(results, args.plot)
+    print(json.dumps(results[0] if len(results) == 1 else results, ensure_ascii=False, indent=2))
+    return 0
 
-    if args.command == "evaluate":
-        from .config import default_data_path
-        from .evaluate import evaluate, markdown_table, plot_chrf_by_length
-        results = []
-        for path in args.checkpoint or [None]:
-            bot = ChatBot.from_checkpoint(path, device=args.device)
-            result = evaluate(bot, args.data or default_data_path(), args.split, args.limit, topics=args.topics,
-                              **decoding)
-            if args.markdown:
-                print(f"{result['checkpoint']}:\n{markdown_table(result)}", file=sys.stderr)
-            if args.write_card:
-                from .checkpoint import rewrite_card
-                topics = f", topics {result['topics']}" if result.get("topics") else ""
-                if "topic_accuracy" in result:
-                    topics += f" (classifier accuracy {result['topic_accuracy']:.1%})"
-                rewrite_card(bot.path, f"Test split ({result['pairs']} pairs), decoding {result['decoding']}{topics}:\n\n"
-                             + markdown_table(result))
-            results.append(result)
-        if args.plot:
-            plot_chrf_by_length(results, args.plot)
-        print(json.dumps(results[0] if len(results) == 1 else results, ensure_ascii=False, indent=2))
-        return 0
 
+def _reply(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from .inference import ChatBot
+    decoding = _decoding(args)
     bot = ChatBot.from_checkpoint(args.checkpoint, device=args.device)
-    if args.command == "reply":
-        for line in sys.stdin:
-            r = bot.reply(line.rstrip("\n"), label=args.topic, **decoding)
-            if args.json:
-                print(json.dumps(r.to_dict(), ensure_ascii=False), flush=True)
-            else:
-                print(r.text.replace("\n", " "), flush=True)
-        return 0
-    return 2
+    for line in sys.stdin:
+        r = bot.reply(line.rstrip("\n"), topic=args.topic, **decoding)
+        if args.json:
+            print(json.dumps(r.to_dict(), ensure_ascii=False), flush=True)
+        else:  # the best reply, one line per input line whatever the n-best
+            print(r.text.replace("\n", " "), flush=True)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, list[str], list[str]], int]] = {
+    "download": _download, "train": _train, "topic": _topic, "reply": _reply, "evaluate": _evaluate,
+    "bench": _bench, "loadtest": _loadtest}

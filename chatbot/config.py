@@ -38,7 +38,6 @@ class DataConfig:
     test_fraction: float = 0.05  # share of unique questions held out for testing
     max_source_len: int = 48  # tokens kept from a question (longer ones are cut)
     max_target_len: int = 48  # tokens kept from an answer, </s> included
-    use_label: bool = False  # prepend the corpus label (0/1/2) as a control token
 
 
 @dataclass
@@ -46,7 +45,7 @@ class TokenizerConfig:
     model_type: str = "unigram"  # sentencepiece algorithm: unigram | bpe
     vocab_size: int = 8000  # pieces, the four special ones included
     morphemes: bool = False  # pre-segment with konlpy Okt morphemes (needs Java)
-    character_coverage: float = 0.9995  # share of characters covered; the rest -> <unk>
+    character_coverage: float = 0.9999  # share of characters covered; the rest -> <unk>
 
 
 @dataclass
@@ -58,31 +57,26 @@ class ModelConfig:
     dec_layers: int = 1  # decoder RNN layers
     rnn: str = "gru"  # gru | lstm
     attention: str = "general"  # none | dot | general (Luong) | additive (Bahdanau)
-    dropout: float = 0.2  # dropout on embeddings and RNN outputs
+    dropout: float = 0.3  # dropout on embeddings and RNN outputs
     tie_embeddings: bool = True  # output layer shares the decoder embedding matrix
-    num_labels: int = 0  # >0: a label embedding is added to the encoder input
-    unknown_topic: bool = False  # one more label vector, "unknown topic" (index num_labels); set by train.topic_dropout
-    char_dim: int = 0  # >0: each question piece also gets the mean of its characters' embeddings (this size), projected and added
-    char_vocab_size: int = 0  # character ids (set from the tokenizer when char_dim > 0)
-    max_piece_chars: int = 8  # characters kept per piece for char_dim
-    memory_noise: float = 0.0  # >0: Gaussian noise (this share of their RMS) on the encoder outputs and the decoder's first state, training only
+    num_topics: int = 0  # >0: the question's topic (the corpus label column) is one more encoder input vector
+    recall_k: int = 0  # >0: the decoder also attends over (and may copy from) this many recalled training pairs
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TYPES:
             raise ValueError(f"model.attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
         if self.rnn not in RNN_TYPES:
             raise ValueError(f"model.rnn must be one of {RNN_TYPES}, got {self.rnn!r}")
+        if self.recall_k < 0 or (self.recall_k and self.attention not in ("dot", "general")):
+            raise ValueError("model.recall_k must be >= 0, and a model with recall needs Luong attention "
+                             f"(dot or general), got recall_k={self.recall_k}, attention={self.attention!r}")
         if self.hidden_dim % 2:
             raise ValueError("model.hidden_dim must be even (the bidirectional encoder splits it)")
-        if self.memory_noise < 0:
-            raise ValueError(f"model.memory_noise must be >= 0, got {self.memory_noise}")
-        if self.char_dim < 0 or self.max_piece_chars < 1:
-            raise ValueError("model.char_dim must be >= 0 (0 = off) and model.max_piece_chars >= 1")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30  # maximum number of passes over the training split
+    epochs: int = 50  # maximum number of passes over the training split
     batch_size: int = 64  # pairs per batch
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
@@ -91,7 +85,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     grad_clip: float = 1.0  # max global gradient norm
     teacher_forcing: float = 1.0  # <1: scheduled sampling (uses the step loop)
-    patience: int = 5  # early stopping: epochs improving neither val loss nor the selection metric
+    patience: int = 50  # early stopping: epochs improving neither val loss nor the selection metric (= epochs: off)
     seed: int = 42  # seeds data order, init and dropout
     threads: int = 0  # torch CPU threads; 0 = all cores
     amp: str = "auto"  # auto | bf16 | fp16 | off: autocast dtype (auto: bf16 where supported)
@@ -100,21 +94,18 @@ class TrainConfig:
     samples: int = 3  # sample replies printed after each epoch
     max_steps: int = 0  # >0: stop after this many optimiser steps (tests, benchmarks)
     save_every: int = 0  # >0: also save the resumable state every N steps
-    subword_alpha: float = 0.0  # >0: questions re-segmented every epoch by sentencepiece sampling (this smoothing)
-    word_dropout: float = 0.0  # share of question pieces replaced by <unk> in training
-    answer_word_dropout: float = 0.0  # share of the answer pieces the decoder reads (teacher forcing) replaced by <unk>
-    topic_dropout: float = 0.0  # share of training questions whose topic (model.num_labels) is read as "unknown"
-    select: str = "loss"  # loss | chrf: what picks best/ and drives early stopping (chrf: greedy on validation)
+    subword_alpha: float = 0.1  # >0: questions re-segmented every epoch by sentencepiece sampling (this smoothing)
+    word_dropout: float = 0.1  # share of question pieces replaced by <unk> in training
+    recall_noise: float = 0.0  # recall models: share of training questions that read random pairs instead of their recalls (each epoch)
+    select: str = "chrf"  # loss | chrf: what picks best/ and drives early stopping (chrf: greedy on validation)
 
     def __post_init__(self) -> None:
         if self.select not in SELECT_BY:
             raise ValueError(f"train.select must be one of {SELECT_BY}, got {self.select!r}")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ValueError(f"train.word_dropout must be in [0, 1), got {self.word_dropout}")
-        if not 0.0 <= self.answer_word_dropout < 1.0:
-            raise ValueError(f"train.answer_word_dropout must be in [0, 1), got {self.answer_word_dropout}")
-        if not 0.0 <= self.topic_dropout < 1.0:
-            raise ValueError(f"train.topic_dropout must be in [0, 1), got {self.topic_dropout}")
+        if not 0.0 <= self.recall_noise <= 1.0:
+            raise ValueError(f"train.recall_noise must be in [0, 1], got {self.recall_noise}")
         if self.subword_alpha < 0:
             raise ValueError(f"train.subword_alpha must be >= 0, got {self.subword_alpha}")
 
@@ -141,9 +132,28 @@ class Config:
         return cls(**kwargs)
 
 
+# Keys of earlier versions: experiment options measured and dropped (docs/experiments.md says which commit
+# still has them), and ``model.num_labels``, renamed. A config that sets one gets this line, not a traceback.
+REMOVED_KEYS = {
+    "data.use_label": "was removed (no model read it); delete it",
+    "model.memory_noise": "was removed (an experiment that did not help); delete it",
+    "model.char_dim": "was removed (an experiment that did not help); delete it",
+    "model.char_vocab_size": "was removed (an experiment that did not help); delete it",
+    "model.max_piece_chars": "was removed (an experiment that did not help); delete it",
+    "model.unknown_topic": "was removed (an experiment that did not help); delete it",
+    "train.answer_word_dropout": "was removed (an experiment that did not help); delete it",
+    "train.topic_dropout": "was removed (an experiment that did not help); delete it",
+    "model.num_labels": "is now model.num_topics; rename it",
+}
+
+
 def _build(klass, values: dict[str, Any], section: str):
     names = {f.name: f for f in dataclasses.fields(klass)}
     unknown = set(values) - set(names)
+    removed = sorted(f"{section}.{k}" for k in unknown if f"{section}.{k}" in REMOVED_KEYS)
+    if removed:
+        raise ValueError(f"config key {removed[0]} {REMOVED_KEYS[removed[0]]} in the recipe or the "
+                         "checkpoint's config.json (docs/experiments.md names the last commit that reads it)")
     if unknown:
         raise ValueError(f"unknown key(s) in [{section}]: {sorted(unknown)}; known: {sorted(names)}")
     return klass(**values)

@@ -7,6 +7,7 @@ limits (queue size, concurrency x torch threads <= cores, blocked paths, bind ad
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,8 +16,8 @@ import torch
 
 from . import ui
 from .inference import ChatBot
+from .search import OPTIONS
 
-ROOT = Path(__file__).resolve().parent.parent
 TORCH_THREADS = 1  # per request; concurrency = cores // threads so requests never oversubscribe the CPU
 QUEUE_SIZE = 32
 MAX_FILE_SIZE = "1mb"  # the demo takes no uploads; refuse big bodies early
@@ -26,7 +27,7 @@ CSS = """
 #heatmap, #step-plot { min-height: 240px; }
 .gradio-container { max-width: 1400px !important; }
 """
-LENGTH_PLOT = ROOT / "docs" / "chrf_by_length.png"  # made by: python -m chatbot evaluate ... --plot
+LENGTH_PLOT = Path("docs/chrf_by_length.png")  # made by: python -m chatbot evaluate ... --plot (app.py passes its own)
 LENGTH_PLOT_TEXT = """### 질문이 길어지면 어텐션이 더 중요해질까? · Does attention matter more for longer questions?
 고정된 context vector 하나(어텐션 없음)와 어텐션 모델의 chrF를 질문 길이별로 비교했어요 (테스트 분할).
 (chrF of replies by question length on the test split: attention vs. the fixed-context baseline, beside retrieval.)"""
@@ -40,184 +41,246 @@ def concurrency(threads: int = TORCH_THREADS) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, threads))
 
 
-def build_demo(bots: dict[str, ChatBot]) -> gr.Blocks:
-    """The demo for already-loaded ``bots`` (name -> ChatBot; the first is the default)."""
+DECODING_ROWS = (("beam_size", "length_penalty"), ("temperature", "top_k"), ("top_p", "max_len"),
+                 ("no_repeat_ngram", "repetition_penalty"))  # the sliders, two a row
+
+
+def build_demo(bots: dict[str, ChatBot], length_plot: str | Path = LENGTH_PLOT) -> gr.Blocks:
+    """The demo for already-loaded ``bots`` (name -> ChatBot; the first is the default); the About tab
+    shows ``length_plot`` where that file exists."""
     if not bots:
         raise ValueError("build_demo needs at least one loaded ChatBot")
-    names = list(bots)
-
-    def pick(name: str | None) -> ChatBot:
-        return bots.get(name or "", bots[names[0]])
-
     with gr.Blocks(title="한국어 어텐션 챗봇", analytics_enabled=False) as demo:  # no telemetry calls home
         turns = gr.State([])  # per-session list[ui.Turn]
         hypothesis = gr.State(0)  # n-best row shown (0 = best)
         gr.Markdown(INTRO)
         with gr.Tabs():
-            # ------------------------------------------------------------ chat
-            with gr.Tab("대화 Chat", id="chat"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=5):
-                        model = gr.Dropdown(names, value=names[0], label="모델 checkpoint",
-                                            visible=len(names) > 1, interactive=True)
-                        topic = gr.Radio(ui.topic_choices(list(bots.values())), value=ui.TOPIC_AUTO, label="주제 topic",
-                                         info=ui.TOPIC_HELP, visible=pick(names[0]).reads_topic, elem_id="topic")
-                        chat = gr.Chatbot(label="대화 chat", height=440, render_markdown=False, sanitize_html=True,
-                                          feedback_options=None, elem_id="chat", buttons=["copy"],
-                                          placeholder="무엇이든 한국어로 말을 걸어 보세요. (Say something in Korean.)")
-                        with gr.Row():
-                            msg = gr.Textbox(show_label=False, placeholder="메시지를 입력하고 Enter (type and press Enter)",
-                                             max_length=ui.MAX_INPUT_CHARS, scale=6, autofocus=True, elem_id="msg")
-                            send = gr.Button("보내기 Send", variant="primary", scale=1, min_width=90)
-                            stop = gr.Button("멈춤 Stop", variant="stop", scale=1, min_width=90, visible=False)
-                            clear = gr.Button("지우기 Clear", scale=1, min_width=90)
-                        pending = gr.Textbox(visible=False, label="message")  # the message being answered
-                        gr.Examples(ui.EXAMPLES, inputs=[msg], label="예시 examples", cache_examples=False,
-                                    api_name="load_example", api_visibility="private")
-                        with gr.Accordion("디코딩 설정 Decoding", open=False):
-                            strategy = gr.Radio(ui.STRATEGY_CHOICES, value="greedy", label="전략 strategy")
-                            with gr.Row():
-                                beam_size = gr.Slider(1, 10, value=5, step=1, label="빔 크기 beam size")
-                                length_penalty = gr.Slider(0.0, 2.0, value=1.0, step=0.1,
-                                                           label="길이 보정 length penalty")
-                            with gr.Row():
-                                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="온도 temperature")
-                                top_k = gr.Slider(0, 50, value=0, step=1, label="top-k (0 = 전체 all)")
-                            with gr.Row():
-                                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (nucleus)")
-                                max_len = gr.Slider(1, 80, value=40, step=1, label="최대 길이 max length")
-                            with gr.Row():
-                                no_repeat = gr.Slider(0, 5, value=0, step=1, label="n-gram 반복 금지 no-repeat")
-                                rep_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05,
-                                                        label="반복 벌점 repetition penalty")
-                            gr.Markdown("빔 크기·길이 보정은 빔 탐색에, 온도·top-k·top-p는 샘플링에 쓰여요. "
-                                        "(beam size / length penalty: beam; temperature / top-k / top-p: sampling)")
-                        controls = [strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat,
-                                    length_penalty, rep_penalty]
-                        with gr.Accordion("API · JSON (/reply)", open=False):
-                            gr.Markdown("`gradio_client.Client(url).predict(\"안녕\", api_name=\"/reply\")` 와 같은 결과입니다.")
-                            api_msg = gr.Textbox(label="message", max_length=ui.MAX_INPUT_CHARS, value="오늘 너무 힘들었어")
-                            api_btn = gr.Button("JSON 보기 Show JSON")
-                            api_out = gr.JSON(label="reply JSON")
-                    with gr.Column(scale=6):
-                        heatmap = gr.Plot(ui.reply_figure(None), label="어텐션 히트맵 attention heatmap",
-                                          elem_id="heatmap")
-                        status = gr.Markdown("")
-                        turn_pick = gr.Dropdown([], value=None, label="이전 대화 보기 earlier turns", interactive=True)
-                        nbest = gr.Dataframe(headers=ui.NBEST_HEADERS, value=[], interactive=False, wrap=True,
-                                             elem_id="nbest", label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row)")
-                        step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector")
-                        step_plot = gr.Plot(ui.step_figure(None, 1), label="후보 확률과 어텐션 candidates & attention",
-                                            elem_id="step-plot")
-
-            # ------------------------------------------------------------ compare
-            with gr.Tab("비교 Compare", id="compare"):
-                gr.Markdown("같은 메시지에 불러온 모델마다 답합니다 (greedy). "
-                            "`python app.py --checkpoint A --checkpoint B` 로 여러 체크포인트를 불러오세요.")
-                with gr.Row():
-                    cmp_msg = gr.Textbox(show_label=False, placeholder="비교할 메시지 message to compare",
-                                         max_length=ui.MAX_INPUT_CHARS, scale=6)
-                    cmp_btn = gr.Button("비교 Compare", variant="primary", scale=1)
-                cmp_outputs: list[gr.components.Component] = []
-                items = list(bots.items())
-                for row in range(0, len(items), 2):  # two models side by side per row: heatmaps stay readable
-                    with gr.Row(equal_height=False):
-                        for name, bot in items[row: row + 2]:
-                            with gr.Column():
-                                gr.Markdown(ui.describe(bot, name))
-                                cmp_outputs.append(gr.Textbox(label=f"{name} 답변 reply", interactive=False))
-                                cmp_outputs.append(gr.Plot(ui.reply_figure(None), label=f"{name} attention"))
-                        if len(items) > 1 and len(items[row: row + 2]) == 1:
-                            gr.Column()  # an odd last model keeps half the width
-
-            # ------------------------------------------------------------ about
-            with gr.Tab("소개 About", id="about"):
-                gr.Markdown(ui.ATTENTION_EXPLAINED, latex_delimiters=LATEX)
-                if LENGTH_PLOT.is_file():
-                    gr.Markdown(LENGTH_PLOT_TEXT)
-                    gr.Image(str(LENGTH_PLOT), show_label=False, interactive=False, buttons=[])
-                for name, bot in bots.items():
-                    with gr.Accordion(f"모델 카드 model card · {name}", open=len(bots) == 1):
-                        if bot.config.tokenizer.morphemes:
-                            gr.Markdown("⚠️ 이 체크포인트는 konlpy 형태소 분석을 써서 Java 런타임(JRE)이 필요해요.")
-                        gr.Markdown(ui.model_card(bot))
-                        gr.Plot(ui.training_figure(bot.path), label="학습 곡선 training curves")
-
-        # ---------------------------------------------------------------- events
-        def _stash(message: str):
-            return "", message, gr.Button(visible=False), gr.Button(visible=True)
-
-        # Named parameters (not *args): the API page and gradio_client show these names.
-        def _chat(message: str, history: list, session_turns: list, model: str, strategy: str, beam_size: float,
-                  temperature: float, top_k: float, top_p: float, max_len: float, no_repeat_ngram: float,
-                  length_penalty: float, repetition_penalty: float, topic: str = ui.TOPIC_AUTO):
-            decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
-                                          length_penalty, repetition_penalty)
-            bot = pick(model)
-            yield from ui.chat_stream(bot, message, history, session_turns, ui.topic_label(topic, bot), **decoding)
-
-        def _pick_model(model: str):
-            bot = pick(model)
-            return gr.Radio(value=ui.TOPIC_AUTO, visible=bot.reads_topic)
-
-        def _view(session_turns: list, index: Any = None, hyp: int = 0):
-            v = ui.turn_view(session_turns, index, hyp)
-            steps = gr.Slider(1, max(2, v.steps), value=v.steps, step=1)  # gradio needs min < max
-            return v.heatmap, v.nbest, steps, v.step, v.status
-
-        def _after(session_turns: list):
-            n = len(session_turns or [])
-            return (gr.Dropdown(choices=ui.turn_choices(session_turns), value=n - 1 if n else None), 0,
-                    *_view(session_turns), gr.Button(visible=True), gr.Button(visible=False))
-
-        def _select_turn(session_turns: list, index: Any):
-            return 0, *_view(session_turns, index)
-
-        def _select_hypothesis(session_turns: list, index: Any, evt: gr.SelectData):
-            hyp = int(evt.index[0]) if evt.index is not None else 0
-            return hyp, *_view(session_turns, index, hyp)
-
-        def _step(session_turns: list, index: Any, hyp: int, k: float):
-            return ui.step_figure(ui.hypothesis_reply(session_turns, index, hyp), int(k))
-
-        def _clear():
-            return [], [], 0, *_view([]), gr.Dropdown(choices=[], value=None), ""
-
-        def _reply(message: str, model: str, strategy: str, beam_size: float, temperature: float, top_k: float,
-                   top_p: float, max_len: float, no_repeat_ngram: float, length_penalty: float,
-                   repetition_penalty: float, topic: str = ui.TOPIC_AUTO) -> dict:
-            decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
-                                          length_penalty, repetition_penalty)
-            bot = pick(model)
-            return ui.reply_json(bot, message, ui.topic_label(topic, bot), **decoding)
-
-        def _compare(message: str):
-            return [x for pair in ui.compare(bots, message) for x in pair]
-
-        view_outputs = [heatmap, nbest, step, step_plot, status]
-        stashed = gr.on([msg.submit, send.click], _stash, inputs=[msg], outputs=[msg, pending, send, stop],
-                        api_name="stash", api_visibility="private", queue=False)
-        streaming = stashed.then(_chat, inputs=[pending, chat, turns, model, *controls, topic],
-                                 outputs=[chat, heatmap, turns], api_name="chat",
-                                 show_progress="minimal")  # a full overlay would hide the growing heatmap
-        streaming.then(_after, inputs=[turns], outputs=[turn_pick, hypothesis, *view_outputs, send, stop],
-                       api_name="after_turn", api_visibility="private")
-        stop.click(lambda: (gr.Button(visible=True), gr.Button(visible=False)), outputs=[send, stop],
-                   cancels=[streaming], api_name="stop", api_visibility="private", queue=False)
-        clear.click(_clear, outputs=[chat, turns, hypothesis, *view_outputs, turn_pick, msg],
-                    api_name="clear", api_visibility="private", queue=False)
-        turn_pick.input(_select_turn, inputs=[turns, turn_pick], outputs=[hypothesis, *view_outputs],
-                        api_name="select_turn", api_visibility="private")
-        nbest.select(_select_hypothesis, inputs=[turns, turn_pick], outputs=[hypothesis, *view_outputs],
-                     api_name="select_hypothesis", api_visibility="private")
-        step.input(_step, inputs=[turns, turn_pick, hypothesis, step], outputs=[step_plot],
-                   api_name="inspect_step", api_visibility="private", trigger_mode="always_last")
-        api_btn.click(_reply, inputs=[api_msg, model, *controls, topic], outputs=[api_out], api_name="reply")
-        model.change(_pick_model, inputs=[model], outputs=[topic], api_name="pick_model", api_visibility="private",
-                     queue=False)
-        gr.on([cmp_msg.submit, cmp_btn.click], _compare, inputs=[cmp_msg], outputs=cmp_outputs,
-              api_name="compare")
+            chat = _chat_tab(bots)
+            compare = _compare_tab(bots)
+            _about_tab(bots, Path(length_plot))
+        _wire(Callbacks(bots), chat, compare, turns, hypothesis)
     return demo
+
+
+@dataclass
+class ChatTab:
+    """The chat tab's components that events read or write."""
+
+    model: gr.Dropdown
+    topic: gr.Radio
+    chat: gr.Chatbot
+    msg: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    clear: gr.Button
+    pending: gr.Textbox
+    controls: list[gr.components.Component]  # in ui.CONTROLS order
+    api_msg: gr.Textbox
+    api_btn: gr.Button
+    api_out: gr.JSON
+    heatmap: gr.Plot
+    status: gr.Markdown
+    turn_pick: gr.Dropdown
+    nbest: gr.Dataframe
+    step: gr.Slider
+    step_plot: gr.Plot
+
+
+@dataclass
+class CompareTab:
+    msg: gr.Textbox
+    button: gr.Button
+    outputs: list[gr.components.Component]  # (reply, heatmap) per model
+
+
+def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
+    names = list(bots)
+    with gr.Tab("대화 Chat", id="chat"):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                model = gr.Dropdown(names, value=names[0], label="모델 checkpoint",
+                                    visible=len(names) > 1, interactive=True)
+                topic = gr.Radio(ui.topic_choices(list(bots.values())), value=ui.TOPIC_AUTO, label="주제 topic",
+                                 info=ui.TOPIC_HELP, visible=bots[names[0]].reads_topic, elem_id="topic")
+                chat = gr.Chatbot(label="대화 chat", height=440, render_markdown=False, sanitize_html=True,
+                                  feedback_options=None, elem_id="chat", buttons=["copy"],
+                                  placeholder="무엇이든 한국어로 말을 걸어 보세요. (Say something in Korean.)")
+                with gr.Row():
+                    msg = gr.Textbox(show_label=False, placeholder="메시지를 입력하고 Enter (type and press Enter)",
+                                     max_length=ui.MAX_INPUT_CHARS, scale=6, autofocus=True, elem_id="msg")
+                    send = gr.Button("보내기 Send", variant="primary", scale=1, min_width=90)
+                    stop = gr.Button("멈춤 Stop", variant="stop", scale=1, min_width=90, visible=False)
+                    clear = gr.Button("지우기 Clear", scale=1, min_width=90)
+                pending = gr.Textbox(visible=False, label="message")  # the message being answered
+                gr.Examples(ui.EXAMPLES, inputs=[msg], label="예시 examples", cache_examples=False,
+                            api_name="load_example", api_visibility="private")
+                controls = _decoding_controls()
+                with gr.Accordion("API · JSON (/reply)", open=False):
+                    gr.Markdown("`gradio_client.Client(url).predict(\"안녕\", api_name=\"/reply\")` 와 같은 결과입니다.")
+                    api_msg = gr.Textbox(label="message", max_length=ui.MAX_INPUT_CHARS, value="오늘 너무 힘들었어")
+                    api_btn = gr.Button("JSON 보기 Show JSON")
+                    api_out = gr.JSON(label="reply JSON")
+            with gr.Column(scale=6):
+                heatmap = gr.Plot(ui.reply_figure(None), label="어텐션 히트맵 attention heatmap", elem_id="heatmap")
+                status = gr.Markdown("")
+                turn_pick = gr.Dropdown([], value=None, label="이전 대화 보기 earlier turns", interactive=True)
+                nbest = gr.Dataframe(headers=ui.NBEST_HEADERS, value=[], interactive=False, wrap=True,
+                                     elem_id="nbest", label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row)")
+                step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector")
+                step_plot = gr.Plot(ui.step_figure(None, 1), label="후보 확률과 어텐션 candidates & attention",
+                                    elem_id="step-plot")
+    return ChatTab(model, topic, chat, msg, send, stop, clear, pending, controls, api_msg, api_btn, api_out,
+                   heatmap, status, turn_pick, nbest, step, step_plot)
+
+
+def _decoding_controls() -> list[gr.components.Component]:
+    """The decoding accordion, every control built from its DecodeOptions field (range, step, default,
+    label); returned in ui.CONTROLS order, the order the callbacks take them."""
+    with gr.Accordion("디코딩 설정 Decoding", open=False):
+        spec = OPTIONS["strategy"]
+        built: dict[str, gr.components.Component] = {
+            "strategy": gr.Radio(ui.STRATEGY_CHOICES, value=spec.default, label=spec.label)}
+        for row in DECODING_ROWS:
+            with gr.Row():
+                for name in row:
+                    spec = OPTIONS[name]
+                    built[name] = gr.Slider(spec.low, spec.high, value=spec.default, step=spec.step,
+                                            label=spec.label)
+        gr.Markdown("빔 크기·길이 보정은 빔 탐색에, 온도·top-k·top-p는 샘플링에 쓰여요. "
+                    "(beam size / length penalty: beam; temperature / top-k / top-p: sampling)")
+    return [built[name] for name in ui.CONTROLS]
+
+
+def _compare_tab(bots: dict[str, ChatBot]) -> CompareTab:
+    with gr.Tab("비교 Compare", id="compare"):
+        gr.Markdown("같은 메시지에 불러온 모델마다 답합니다 (greedy). "
+                    "`python app.py --checkpoint A --checkpoint B` 로 여러 체크포인트를 불러오세요.")
+        with gr.Row():
+            msg = gr.Textbox(show_label=False, placeholder="비교할 메시지 message to compare",
+                             max_length=ui.MAX_INPUT_CHARS, scale=6)
+            button = gr.Button("비교 Compare", variant="primary", scale=1)
+        outputs: list[gr.components.Component] = []
+        items = list(bots.items())
+        for row in range(0, len(items), 2):  # two models side by side per row: heatmaps stay readable
+            with gr.Row(equal_height=False):
+                for name, bot in items[row: row + 2]:
+                    with gr.Column():
+                        gr.Markdown(ui.describe(bot, name))
+                        outputs.append(gr.Textbox(label=f"{name} 답변 reply", interactive=False))
+                        outputs.append(gr.Plot(ui.reply_figure(None), label=f"{name} attention"))
+                if len(items) > 1 and len(items[row: row + 2]) == 1:
+                    gr.Column()  # an odd last model keeps half the width
+    return CompareTab(msg, button, outputs)
+
+
+def _about_tab(bots: dict[str, ChatBot], length_plot: Path) -> None:
+    with gr.Tab("소개 About", id="about"):
+        gr.Markdown(ui.ATTENTION_EXPLAINED, latex_delimiters=LATEX)
+        if length_plot.is_file():
+            gr.Markdown(LENGTH_PLOT_TEXT)
+            gr.Image(str(length_plot), show_label=False, interactive=False, buttons=[])
+        for name, bot in bots.items():
+            with gr.Accordion(f"모델 카드 model card · {name}", open=len(bots) == 1):
+                if bot.config.tokenizer.morphemes:
+                    gr.Markdown("⚠️ 이 체크포인트는 konlpy 형태소 분석을 써서 Java 런타임(JRE)이 필요해요.")
+                gr.Markdown(ui.model_card(bot))
+                gr.Plot(ui.training_figure(bot.path), label="학습 곡선 training curves")
+
+
+# ---------------------------------------------------------------- callbacks
+class Callbacks:
+    """The callbacks that need the loaded bots. Named parameters (not *args): the API page and
+    gradio_client show these names."""
+
+    def __init__(self, bots: dict[str, ChatBot]):
+        self.bots = bots
+        self.default = next(iter(bots))
+
+    def pick(self, name: str | None) -> ChatBot:
+        return self.bots.get(name or "", self.bots[self.default])
+
+    def chat(self, message: str, history: list, session_turns: list, model: str, strategy: str, beam_size: float,
+             temperature: float, top_k: float, top_p: float, max_len: float, no_repeat_ngram: float,
+             length_penalty: float, repetition_penalty: float, topic: str = ui.TOPIC_AUTO):
+        decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
+                                      length_penalty, repetition_penalty)
+        bot = self.pick(model)
+        yield from ui.chat_stream(bot, message, history, session_turns, ui.topic_id(topic, bot), **decoding)
+
+    def reply(self, message: str, model: str, strategy: str, beam_size: float, temperature: float, top_k: float,
+              top_p: float, max_len: float, no_repeat_ngram: float, length_penalty: float,
+              repetition_penalty: float, topic: str = ui.TOPIC_AUTO) -> dict:
+        decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
+                                      length_penalty, repetition_penalty)
+        bot = self.pick(model)
+        return ui.reply_json(bot, message, ui.topic_id(topic, bot), **decoding)
+
+    def pick_model(self, model: str):
+        return gr.Radio(value=ui.TOPIC_AUTO, visible=self.pick(model).reads_topic)
+
+    def compare(self, message: str):
+        return [x for pair in ui.compare(self.bots, message) for x in pair]
+
+
+def _stash(message: str):
+    return "", message, gr.Button(visible=False), gr.Button(visible=True)
+
+
+def _view(session_turns: list, index: Any = None, hyp: int = 0):
+    v = ui.turn_view(session_turns, index, hyp)
+    steps = gr.Slider(1, max(2, v.steps), value=v.steps, step=1)  # gradio needs min < max
+    return v.heatmap, v.nbest, steps, v.step, v.status
+
+
+def _after(session_turns: list):
+    n = len(session_turns or [])
+    return (gr.Dropdown(choices=ui.turn_choices(session_turns), value=n - 1 if n else None), 0,
+            *_view(session_turns), gr.Button(visible=True), gr.Button(visible=False))
+
+
+def _select_turn(session_turns: list, index: Any):
+    return 0, *_view(session_turns, index)
+
+
+def _select_hypothesis(session_turns: list, index: Any, evt: gr.SelectData):
+    hyp = int(evt.index[0]) if evt.index is not None else 0
+    return hyp, *_view(session_turns, index, hyp)
+
+
+def _step(session_turns: list, index: Any, hyp: int, k: float):
+    return ui.step_figure(ui.hypothesis_reply(session_turns, index, hyp), int(k))
+
+
+def _clear():
+    return [], [], 0, *_view([]), gr.Dropdown(choices=[], value=None), ""
+
+
+def _wire(cb: Callbacks, c: ChatTab, cmp: CompareTab, turns: gr.State, hypothesis: gr.State) -> None:
+    """Every event: the public /chat, /reply and /compare, and the private ones the page uses."""
+    view_outputs = [c.heatmap, c.nbest, c.step, c.step_plot, c.status]
+    stashed = gr.on([c.msg.submit, c.send.click], _stash, inputs=[c.msg], outputs=[c.msg, c.pending, c.send, c.stop],
+                    api_name="stash", api_visibility="private", queue=False)
+    streaming = stashed.then(cb.chat, inputs=[c.pending, c.chat, turns, c.model, *c.controls, c.topic],
+                             outputs=[c.chat, c.heatmap, turns], api_name="chat",
+                             show_progress="minimal")  # a full overlay would hide the growing heatmap
+    streaming.then(_after, inputs=[turns], outputs=[c.turn_pick, hypothesis, *view_outputs, c.send, c.stop],
+                   api_name="after_turn", api_visibility="private")
+    c.stop.click(lambda: (gr.Button(visible=True), gr.Button(visible=False)), outputs=[c.send, c.stop],
+                 cancels=[streaming], api_name="stop", api_visibility="private", queue=False)
+    c.clear.click(_clear, outputs=[c.chat, turns, hypothesis, *view_outputs, c.turn_pick, c.msg],
+                  api_name="clear", api_visibility="private", queue=False)
+    c.turn_pick.input(_select_turn, inputs=[turns, c.turn_pick], outputs=[hypothesis, *view_outputs],
+                      api_name="select_turn", api_visibility="private")
+    c.nbest.select(_select_hypothesis, inputs=[turns, c.turn_pick], outputs=[hypothesis, *view_outputs],
+                   api_name="select_hypothesis", api_visibility="private")
+    c.step.input(_step, inputs=[turns, c.turn_pick, hypothesis, c.step], outputs=[c.step_plot],
+                 api_name="inspect_step", api_visibility="private", trigger_mode="always_last")
+    c.api_btn.click(cb.reply, inputs=[c.api_msg, c.model, *c.controls, c.topic], outputs=[c.api_out],
+                    api_name="reply")
+    c.model.change(cb.pick_model, inputs=[c.model], outputs=[c.topic], api_name="pick_model",
+                   api_visibility="private", queue=False)
+    gr.on([cmp.msg.submit, cmp.button.click], cb.compare, inputs=[cmp.msg], outputs=cmp.outputs,
+          api_name="compare")
 
 
 def server_name() -> str:
@@ -229,7 +292,8 @@ def server_port() -> int:
     return int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
 
 
-def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *, queue_size: int = QUEUE_SIZE,
+def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *,
+           private_dirs: Sequence[str | Path] = ("checkpoints", "data"), queue_size: int = QUEUE_SIZE,
            concurrency_limit: int | None = None, **overrides: Any):
     """Queue and launch with the serving limits; ``overrides`` go to ``Blocks.launch`` (tests pass
     ``server_port`` and ``prevent_thread_lock``). Never shares a public link.
@@ -239,7 +303,7 @@ def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *, queue
     """
     torch.set_num_threads(TORCH_THREADS)
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit or concurrency(), api_open=False)
-    blocked = [str(ROOT / "checkpoints"), str(ROOT / "data"), *(str(Path(d).resolve()) for d in checkpoint_dirs)]
+    blocked = [str(Path(d).resolve()) for d in (*private_dirs, *checkpoint_dirs)]
     kwargs: dict[str, Any] = dict(
         server_name=server_name(), server_port=server_port(), max_file_size=MAX_FILE_SIZE,
         blocked_paths=blocked, show_error=False, footer_links=["api", "settings"], mcp_server=False,

@@ -22,29 +22,39 @@ import pandas as pd
 import sacrebleu
 import torch
 import torch.nn.functional as F
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.preprocessing import normalize as l2_normalize
 
 from .batching import encode_pairs
-from .config import EOS_ID
 from .data import load_corpus, split_corpus
 from .inference import ChatBot
 from .losses import corpus_cross_entropy
-from .text import normalize
+from .recall import RecallIndex
 
 
 class RetrievalBaseline:
-    """Answer with the reply of the most similar training question (char n-gram TF-IDF)."""
+    """Answer with the reply of the most similar training question: the top-1 of a :class:`RecallIndex`
+    (cosine of character 1–3-gram tf-idf), the same search a recall model reads."""
 
     def __init__(self, questions: Sequence[str], answers: Sequence[str]):
-        self.answers = list(answers)
-        self.vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True)
-        self.matrix = l2_normalize(self.vectorizer.fit_transform([normalize(q) for q in questions]))
+        self.index = RecallIndex(questions, answers)
 
     def reply(self, questions: Sequence[str]) -> list[str]:
-        q = l2_normalize(self.vectorizer.transform([normalize(x) for x in questions]))
-        best = np.asarray((q @ self.matrix.T).argmax(axis=1)).ravel()
-        return [self.answers[i] for i in best]
+        return [recalled[0].answer for recalled in self.index.recall(questions, 1)]
+
+
+def oracle_chrf(candidates: Sequence[Sequence[str]], references: Sequence[str],
+                ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
+    """The headroom of a model that reads recalled answers: for each k in ``ks``, the corpus chrF when
+    each question's reply is the best (by sentence chrF against its reference; the earlier on a tie)
+    of its first k ``candidates`` (one list of answer texts per question, best recalled first)."""
+    chrf = sacrebleu.CHRF()
+    refs = list(references)
+    sentence = [[chrf.sentence_score(c, [r]).score for c in cs] for cs, r in zip(candidates, refs)]
+    out = {}
+    for k in ks:
+        best = [cs[max(range(min(k, len(cs))), key=lambda i: (ss[i], -i))] if cs else ""
+                for cs, ss in zip(candidates, sentence)]
+        out[f"top{k}"] = round(sacrebleu.corpus_chrf(best, [refs]).score, 4)
+    return out
 
 
 @torch.inference_mode()
@@ -53,8 +63,7 @@ def encoder_keys(bot: ChatBot, questions: Sequence[str], batch_size: int = 256) 
     its encoder outputs, each scaled to unit length (no topic read, for a topic model)."""
     keys = []
     for i in range(0, len(questions), batch_size):  # each question cut and padded as a reply would see it
-        src, src_len, _ = bot._tensors([bot._encode(q)[0] or [EOS_ID] for q in questions[i: i + batch_size]], None)
-        memory = bot.model.encode(src, src_len)
+        memory = bot.encode(list(questions[i: i + batch_size]))
         state = memory.state[0] if isinstance(memory.state, tuple) else memory.state
         mask = memory.mask.unsqueeze(-1).to(memory.values.dtype)
         mean = (memory.values * mask).sum(1) / mask.sum(1)
@@ -88,7 +97,7 @@ def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[s
     }
 
 
-TOPIC_MODES = ("predicted", "corpus", "unknown")
+TOPIC_MODES = ("predicted", "corpus")
 LENGTH_BUCKETS = ((1, 3), (4, 5), (6, 7), (8, 9), (10, 10_000))  # question length in source pieces
 
 
@@ -104,91 +113,90 @@ def chrf_by_length(lengths: Sequence[int], hypotheses: Sequence[str], references
     return rows
 
 
+def chrf_by_answer_seen(answers: Sequence[str], train_answers: set[str],
+                        **replies: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """chrF of each set of ``replies`` (name -> replies) where the reference is also a training answer and
+    where it is new. Many answers recur across questions: a lookup can return the first kind verbatim,
+    nobody can return the second; scoring them apart shows where chrF comes from."""
+    out = {}
+    for name, keep in (("answer_in_train", True), ("answer_new", False)):
+        idx = [i for i, a in enumerate(answers) if (a in train_answers) == keep]
+        refs = [[answers[i] for i in idx]]
+        out[name] = {"pairs": len(idx), **{
+            f"{who}_chrf": round(sacrebleu.corpus_chrf([hyps[i] for i in idx], refs).score, 3) if idx else None
+            for who, hyps in replies.items()}}
+    return out
+
+
+def reply_texts(bot: ChatBot, questions: Sequence[str], topic_of: Sequence[int | None], batch_size: int = 64,
+                **decoding: Any) -> list[str]:
+    """``bot``'s reply to each question, batched (one at a time for beam search); ``topic_of``: the topic
+    each question is answered under (None: the bot's own choice)."""
+    replies = [""] * len(questions)
+    step = 1 if decoding.get("strategy") == "beam" else batch_size
+    groups: dict[int | None, list[int]] = {}
+    for i, topic in enumerate(topic_of):
+        groups.setdefault(topic, []).append(i)
+    for topic, idx in groups.items():
+        for j in range(0, len(idx), step):
+            chunk = idx[j: j + step]
+            for i, r in zip(chunk, bot.reply_batch([questions[i] for i in chunk], topic=topic, **decoding)):
+                replies[i] = r.text
+    return replies
+
+
 def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
-             batch_size: int = 64, topics: str = "predicted", **decoding: Any) -> dict[str, Any]:
+             batch_size: int = 64, topics: str = "predicted", probe: bool = False, **decoding: Any) -> dict[str, Any]:
     """Evaluate ``bot`` on ``split`` of the corpus at ``data_path`` (the split the bot was trained with).
 
     ``topics``, for a model that reads a topic: ``"predicted"`` by its topic classifier from each
-    question, as the demo serves it, ``"corpus"``: each question's own label (what a user who
-    picks the right topic gets), or ``"unknown"``: the "unknown topic" vector of a model trained
-    with ``train.topic_dropout``. A checkpoint without a classifier is evaluated with the corpus's.
+    question, as the demo serves it, or ``"corpus"``: each question's own label (what a user who
+    picks the right topic gets). A checkpoint without a classifier is evaluated with the corpus's.
+    ``probe``: also score the encoder-neighbour probe (:func:`encoder_neighbour_answers`).
     """
     if topics not in TOPIC_MODES:
         raise ValueError(f"topics must be one of {TOPIC_MODES}, got {topics!r}")
-    if topics == "unknown" and bot.config.model.num_labels and bot.unknown_topic is None:
-        raise ValueError(f"{bot.path} has no 'unknown topic' vector (train it with train.topic_dropout > 0)")
-    corpus = load_corpus(data_path, verbose=False)
     cfg = bot.config.data
-    splits = split_corpus(corpus.pairs, cfg.val_fraction, cfg.test_fraction)
+    splits = split_corpus(load_corpus(data_path, verbose=False).pairs, cfg.val_fraction, cfg.test_fraction)
     if split not in splits:
         raise ValueError(f"split must be one of {sorted(splits)}")
-    df: pd.DataFrame = splits[split]
-    if limit:
-        df = df.iloc[:limit]
+    df: pd.DataFrame = splits[split].iloc[: limit or None]
     questions, answers, labels = list(df["Q"]), list(df["A"]), list(df["label"])
+    train_q, train_a = list(splits["train"]["Q"]), list(splits["train"]["A"])
 
     ce = corpus_cross_entropy(bot.model, encode_pairs(bot.tokenizer, questions, answers, labels,
                                                       cfg.max_source_len, cfg.max_target_len), bot.device)
+    # The topic read: the classifier's (None: ChatBot predicts per question) or each question's corpus label.
+    topics_used = None if not bot.reads_topic else (
+        "predicted" if topics == "predicted" and bot.topic_classifier is not None else "corpus")
     t0 = time.time()
-    replies = [""] * len(questions)
-    step = 1 if decoding.get("strategy") == "beam" else batch_size
-    # A model with a label embedding (model.num_labels > 0) reads a topic: the classifier's (label=None)
-    # or each question's corpus label.
-    reads = bool(bot.config.model.num_labels)
-    if not reads:
-        topics_used, label_of = None, [None] * len(questions)
-    elif topics == "predicted" and bot.topic is not None:
-        topics_used, label_of = "predicted", [None] * len(questions)  # None: ChatBot predicts per question
-    elif topics == "unknown":
-        topics_used, label_of = "unknown", [bot.unknown_topic] * len(questions)
-    else:
-        topics_used, label_of = "corpus", [int(x) for x in labels]
-    groups: dict[int | None, list[int]] = {}
-    for i, lab in enumerate(label_of):
-        groups.setdefault(lab, []).append(i)
-    for lab, idx in groups.items():
-        for j in range(0, len(idx), step):
-            chunk = idx[j: j + step]
-            for i, r in zip(chunk, bot.reply_batch([questions[i] for i in chunk], label=lab, **decoding)):
-                replies[i] = r.text
+    replies = reply_texts(bot, questions, [int(x) for x in labels] if topics_used == "corpus" else [None] * len(df),
+                          batch_size, **decoding)
     seconds = time.time() - t0
-
-    baseline = RetrievalBaseline(list(splits["train"]["Q"]), list(splits["train"]["A"]))
-    base_replies = baseline.reply(questions)
-    model_fig = {"perplexity": math.exp(min(ce, 50)), **text_metrics(replies, answers)}
-    base_fig = text_metrics(base_replies, answers)
-    probe = text_metrics(encoder_neighbour_answers(bot, list(splits["train"]["Q"]), list(splits["train"]["A"]),
-                                                   questions), answers)
-    ref_fig = {k: v for k, v in text_metrics(answers, answers).items()
-               if k in ("distinct_1", "distinct_2", "unique_reply_rate")}
-    lengths = [len(bot.tokenizer.encode(q)[: cfg.max_source_len]) for q in questions]
-    # Many answers recur across questions: where the reference is also a training answer, a lookup can
-    # return it verbatim; where it is new, nobody can. Scoring the two groups apart shows where chrF comes from.
-    train_answers = set(splits["train"]["A"])
-    seen = [a in train_answers for a in answers]
-    by_seen = {}
-    for name, keep in (("answer_in_train", True), ("answer_new", False)):
-        idx = [i for i, x in enumerate(seen) if x == keep]
-        refs = [[answers[i] for i in idx]]
-        def chrf(hyps: list[str]) -> float | None:
-            return round(sacrebleu.corpus_chrf([hyps[i] for i in idx], refs).score, 3) if idx else None
-        by_seen[name] = {"pairs": len(idx), "model_chrf": chrf(replies), "retrieval_chrf": chrf(base_replies)}
+    base_replies = RetrievalBaseline(train_q, train_a).reply(questions)
+    lengths = [len(bot.read(q).ids) for q in questions]
+    figures = lambda hyps: {k: round(v, 4) for k, v in text_metrics(hyps, answers).items()}  # noqa: E731
     return {
         "checkpoint": str(bot.path), "attention": bot.config.model.attention, "int8": bot.quantized,
-        "reads_labels": reads, "topics": topics_used,
-        **({"topic_accuracy": round(bot.topic.accuracy(questions, labels), 4)} if reads and bot.topic else {}),
+        "reads_topic": bot.reads_topic, "topics": topics_used,
+        **({"topic_accuracy": round(bot.topic_classifier.accuracy(questions, labels), 4)}
+           if topics_used and bot.topic_classifier else {}),
         "data": str(data_path), "split": split, "pairs": len(questions),
         "decoding": decoding or {"strategy": "greedy"}, "decode_seconds": round(seconds, 2),
-        "model": {k: round(v, 4) for k, v in model_fig.items()},
-        "retrieval_baseline": {k: round(v, 4) for k, v in base_fig.items()},
-        "references": {k: round(v, 4) for k, v in ref_fig.items()},
+        "model": {"perplexity": round(math.exp(min(ce, 50)), 4), **figures(replies)},
+        "retrieval_baseline": figures(base_replies),
+        "references": {k: v for k, v in figures(answers).items() if k in ("distinct_1", "distinct_2", "unique_reply_rate")},
         # a probe, not a reply: the answer of the training question nearest in the encoder's space
-        "encoder_neighbour": {k: round(probe[k], 4) for k in ("chrf", "exact_match")},
-        "chrf_by_answer_seen": by_seen,
+        **({"encoder_neighbour": {k: v for k, v in figures(encoder_neighbour_answers(bot, train_q, train_a, questions))
+                                  .items() if k in ("chrf", "exact_match")}} if probe else {}),
+        "chrf_by_answer_seen": chrf_by_answer_seen(answers, set(train_a), model=replies, retrieval=base_replies),
         "chrf_by_source_length": {"model": chrf_by_length(lengths, replies, answers),
                                   "retrieval_baseline": chrf_by_length(lengths, base_replies, answers)},
         "examples": [{"q": q, "reference": a, "model": r, "retrieval": b}
                      for q, a, r, b in list(zip(questions, answers, replies, base_replies))[:10]],
+        # headroom for a recall model: chrF if the best of each question's top-k recalled answers were chosen
+        "recall_oracle_chrf": oracle_chrf([[x.answer for x in rs] for rs in RecallIndex(train_q, train_a)
+                                           .recall(questions, 5)], answers),
     }
 
 

@@ -163,11 +163,11 @@ def main(checkpoints: Sequence[str | Path], client_counts: Sequence[int], reques
          queue_size: int | None = None, concurrency_limit: int | None = None, timeout: float = 60.0,
          device: str = "cpu") -> dict[str, Any]:
     """Serve, run each client count in turn, close; returns the JSON-ready figures."""
-    from .inference import DEFAULT_CHECKPOINT
+    from .inference import default_checkpoint
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     where = machine()
-    demo, url, bots = serve(checkpoints or [DEFAULT_CHECKPOINT], queue_size=queue_size,
+    demo, url, bots = serve(checkpoints or [default_checkpoint()], queue_size=queue_size,
                             concurrency_limit=concurrency_limit, device=device)
     try:
         run_load(url, 1, 1, timeout=timeout)  # warm-up: first-call costs are not load

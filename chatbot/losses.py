@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .batching import EncodedPairs, batch_order, collate
+from .batching import EncodedPairs, RecallSlots, batch_order, collate
 from .config import PAD_ID
 from .model import Seq2Seq
 
@@ -108,7 +108,8 @@ def _distributed() -> bool:
 
 @torch.inference_mode()
 def corpus_cross_entropy(model: Seq2Seq, pairs: EncodedPairs, device: torch.device | str,
-                         batch_size: int = 128, amp: torch.dtype | None = None) -> float:
+                         batch_size: int = 128, amp: torch.dtype | None = None,
+                         slots: RecallSlots | None = None) -> float:
     """Mean per-token cross-entropy (no label smoothing) of the reference answers; exp() = perplexity.
 
     Under torch.distributed each rank scores every world_size-th batch and the sums are
@@ -120,10 +121,10 @@ def corpus_cross_entropy(model: Seq2Seq, pairs: EncodedPairs, device: torch.devi
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
     for idx in batch_order(pairs, batch_size, seed=0, epoch=0, shuffle=False)[rank::world]:
-        b = collate(pairs, idx).to(device)
+        b = collate(pairs, idx, slots).to(device)
         positions = b.tgt_out != PAD_ID
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits, _ = model(b.src, b.src_len, b.tgt_in, b.label, positions=positions)
+            logits, _ = model(b.src, b.src_len, b.tgt_in, b.topic, positions=positions, recall=b.recall)
         sums[0] += sequence_loss(logits, b.tgt_out[positions], reduction="sum").double()
         sums[1] += positions.sum()
     if world > 1:

@@ -12,6 +12,19 @@ Decoders, chosen by ``ModelConfig.attention``:
   context is an RNN input, so it runs step by step.
 * ``none``: the original fixed-context seq2seq: the encoder's final state starts the decoder
   and no attention is computed (a baseline that shows what attention buys).
+
+Recall (``model.recall_k = K > 0``, Luong attention only): the decoder also reads K training pairs
+recalled for the message (:mod:`chatbot.recall`), each slot its question, ``</s>``, its answer,
+encoded by the same encoder with a rank vector and its recall score added to every piece. The
+attention runs over [message ; recall 1 ; … ; recall K] with **one** softmax, and a copy gate
+(See et al., 2017) mixes generating with copying the attended pieces:
+
+    p(y_t) = g_t · softmax(W_s h̃_t)[y_t] + (1 − g_t) · Σ_{s: x_s = y_t} a_t(s),
+    g_t = σ(w_g · [c_t; h_t; e(y_{t−1})] + b_g)
+
+Message and recalls share one sentencepiece vocabulary, so copying is a ``scatter_add`` of the
+attention weights onto the piece ids (no extended vocabulary). Such a model returns ``log p`` where
+others return logits: ``softmax(log p) = p``, so decoding and the loss treat both alike.
 """
 from __future__ import annotations
 
@@ -22,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .attention import build_attention
-from .config import PAD_ID, ModelConfig
+from .config import EOS_ID, PAD_ID, ModelConfig
 
 State = Tensor | tuple[Tensor, Tensor]  # GRU: h (L, B, H); LSTM: (h, c)
 
@@ -35,24 +48,35 @@ class Memory:
     keys: Tensor  # (B, S, Hk) keys projected for the attention score
     mask: Tensor  # (B, S) bool, True on real tokens
     state: State  # decoder's initial state
+    copy_ids: Tensor | None = None  # (B, S) the piece each position copies (recall models; PAD: none)
 
     def select(self, index: Tensor) -> "Memory":
         """Reorder / repeat the batch (beam search)."""
         return Memory(self.values.index_select(0, index), self.keys.index_select(0, index),
-                      self.mask.index_select(0, index), select_state(self.state, index))
+                      self.mask.index_select(0, index), select_state(self.state, index),
+                      None if self.copy_ids is None else self.copy_ids.index_select(0, index))
+
+
+@dataclass
+class RecallInput:
+    """The K training pairs recalled for each message, as the encoder reads them."""
+
+    ids: Tensor  # (B, K, L) each slot: question pieces, </s>, answer pieces; PAD after (an empty slot: one </s>)
+    lengths: Tensor  # (B, K) real pieces per slot (>= 1)
+    scores: Tensor  # (B, K) the recall's similarity in [0, 1]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "RecallInput":
+        return RecallInput(*(t.to(device, non_blocking=non_blocking) for t in (self.ids, self.lengths, self.scores)))
+
+    def select(self, i: int) -> "RecallInput":
+        """The recall of source ``i`` alone (batch of one)."""
+        return RecallInput(self.ids[i: i + 1], self.lengths[i: i + 1], self.scores[i: i + 1])
 
 
 def select_state(state: State, index: Tensor) -> State:
     if isinstance(state, tuple):
         return tuple(s.index_select(1, index) for s in state)
     return state.index_select(1, index)
-
-
-def _noisy(x: State, scale: float) -> State:
-    """x plus Gaussian noise of std ``scale`` x x's root mean square (not differentiated through)."""
-    if isinstance(x, tuple):
-        return tuple(_noisy(s, scale) for s in x)
-    return x + (scale * x.detach().float().pow(2).mean().sqrt()).to(x.dtype) * torch.randn_like(x)
 
 
 def _top_hidden(state: State) -> Tensor:
@@ -83,48 +107,26 @@ class Dropout(nn.Dropout):
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
 
-class CharacterBag(nn.Module):
-    """A piece's characters as a bag: the mean of their embeddings, projected to the embedding size.
-
-    fastText's subword vectors (Bojanowski et al., 2017) turned around: pieces that share Hangul
-    syllables ("헤어졌", "헤어진") share part of their input vector, so the encoder can relate
-    questions that sentencepiece cut differently. ``piece_chars`` (V, K) holds each piece's
-    character ids (0 = none; from :meth:`Tokenizer.character_table`), saved with the weights.
-    """
-
-    def __init__(self, vocab_size: int, char_vocab_size: int, max_chars: int, char_dim: int, out_dim: int):
-        super().__init__()
-        self.register_buffer("piece_chars", torch.zeros(vocab_size, max_chars, dtype=torch.int16))
-        self.embedding = nn.Embedding(char_vocab_size, char_dim, padding_idx=0)
-        self.proj = nn.Linear(char_dim, out_dim, bias=False)
-
-    def forward(self, src: Tensor) -> Tensor:
-        """src (B, S) piece ids -> (B, S, E)."""
-        chars = self.piece_chars[src].int()  # (B, S, K)
-        count = (chars != 0).sum(-1, keepdim=True).clamp(min=1)  # (B, S, 1)
-        return self.proj(self.embedding(chars).sum(2) / count)  # (B, S, D) -> (B, S, E)
-
-
 class Encoder(nn.Module):
-    """Embedding (+ character bag) -> bidirectional RNN over packed sequences -> outputs (B, S, H)."""
+    """Embedding (+ topic vector) -> bidirectional RNN over packed sequences -> outputs (B, S, H)."""
 
     def __init__(self, cfg: ModelConfig, embedding: nn.Embedding):
         super().__init__()
         self.embedding = embedding
-        self.char_bag = (CharacterBag(cfg.vocab_size, cfg.char_vocab_size, cfg.max_piece_chars, cfg.char_dim,
-                                      cfg.emb_dim) if cfg.char_dim > 0 else None)
-        self.label_embedding = (nn.Embedding(cfg.num_labels + int(cfg.unknown_topic), cfg.emb_dim)
-                                if cfg.num_labels > 0 else None)  # row num_labels: "unknown topic" (if any)
+        self.topic_embedding = nn.Embedding(cfg.num_topics, cfg.emb_dim) if cfg.num_topics > 0 else None
         self.dropout = Dropout(cfg.dropout)
         self.rnn = _rnn(cfg.rnn, cfg.emb_dim, cfg.hidden_dim // 2, num_layers=cfg.enc_layers,
                         bidirectional=True, dropout=cfg.dropout if cfg.enc_layers > 1 else 0.0)
 
-    def forward(self, src: Tensor, src_len: Tensor, label: Tensor | None = None) -> tuple[Tensor, State]:
+    def forward(self, src: Tensor, src_len: Tensor, topic: Tensor | None = None,
+                extra: Tensor | None = None) -> tuple[Tensor, State]:
+        """src (B, S), src_len (B,), topic (B,) or None, extra (B, E) or None (a vector added to every
+        piece: a recall slot's rank and score) -> outputs (B, S, H), final states."""
         x = self.embedding(src)  # (B, S, E)
-        if self.char_bag is not None:
-            x = x + self.char_bag(src)
-        if self.label_embedding is not None and label is not None:
-            x = x + self.label_embedding(label).unsqueeze(1)
+        if self.topic_embedding is not None and topic is not None:
+            x = x + self.topic_embedding(topic).unsqueeze(1)
+        if extra is not None:
+            x = x + extra.unsqueeze(1)
         x = self.dropout(x)
         lengths = src_len.cpu()
         if bool((lengths == src.size(1)).all()):  # no padding (e.g. one message): packing buys nothing
@@ -174,6 +176,11 @@ class Seq2Seq(nn.Module):
         self.out = nn.Linear(E, cfg.vocab_size, bias=True)
         if cfg.tie_embeddings:
             self.out.weight = self.embedding.weight
+        self.copies = cfg.recall_k > 0
+        if self.copies:
+            self.rank_embedding = nn.Embedding(cfg.recall_k, E)  # which recall slot (1st, 2nd, ...)
+            self.score_proj = nn.Linear(1, E, bias=False)  # how similar its question is to the message
+            self.copy_gate = nn.Linear(2 * H + E, 1)  # g_t = σ(w_g · [c_t; h_t; e(y_{t-1})] + b_g)
         self._init()
 
     def _init(self) -> None:
@@ -181,30 +188,56 @@ class Seq2Seq(nn.Module):
         with torch.no_grad():
             self.embedding.weight[PAD_ID].zero_()
         nn.init.zeros_(self.out.bias)
-        if self.encoder.label_embedding is not None:  # one more input vector of a piece's size
-            # (nn.Embedding's N(0, 1) made it 16x a piece's vector at E = 256: the label drowned the
+        if self.encoder.topic_embedding is not None:  # one more input vector of a piece's size
+            # (nn.Embedding's N(0, 1) made it 16x a piece's vector at E = 256: the topic drowned the
             # question and the run's validation chrF stayed near 5 while the plain recipe reached 20)
-            nn.init.normal_(self.encoder.label_embedding.weight, std=self.cfg.emb_dim ** -0.5)
-        if self.encoder.char_bag is not None:
-            bag = self.encoder.char_bag.embedding
-            nn.init.normal_(bag.weight, std=bag.embedding_dim ** -0.5)
-            with torch.no_grad():
-                bag.weight[0].zero_()
+            nn.init.normal_(self.encoder.topic_embedding.weight, std=self.cfg.emb_dim ** -0.5)
+        if self.copies:  # slot vectors at a piece vector's scale, for the same reason
+            nn.init.normal_(self.rank_embedding.weight, std=self.cfg.emb_dim ** -0.5)
 
     # ------------------------------------------------------------------ encoder
-    def encode(self, src: Tensor, src_len: Tensor, label: Tensor | None = None) -> Memory:
-        """src (B, S) token ids, src_len (B,) -> Memory."""
-        values, final = self.encoder(src, src_len, label)
+    def encode(self, src: Tensor, src_len: Tensor, topic: Tensor | None = None,
+               recall: RecallInput | None = None) -> Memory:
+        """src (B, S) token ids, src_len (B,), topic (B,) or None, recall (recall models) -> Memory.
+
+        With recall, the memory is [message ; recall 1 ; … ; recall K]: (B, S + K·L) positions; the
+        decoder's first state comes from the message alone.
+        """
+        values, final = self.encoder(src, src_len, topic)
         state = self.bridge(final)
-        if self.training and self.cfg.memory_noise > 0:
-            # Blur each training question's point in state space, so that a paraphrase that lands
-            # near it decodes its answer (the encoder's nearest training question is right as often
-            # as TF-IDF's, the greedy reply much less: docs/experiments.md).
-            values = _noisy(values, self.cfg.memory_noise)
-            state = _noisy(state, self.cfg.memory_noise)
-        keys = self.attention.project_keys(values) if self.attention is not None else values
         mask = src != PAD_ID  # (B, S)
-        return Memory(values, keys, mask, state)
+        copy_ids = None
+        if self.copies:
+            if recall is None:
+                raise ValueError("this model reads recalled training pairs (model.recall_k > 0): pass recall")
+            rec_values, rec_mask, rec_ids = self._encode_recall(recall)
+            values = torch.cat([values, rec_values], 1)  # (B, S + K·L, H)
+            mask = torch.cat([mask, rec_mask], 1)
+            copy_ids = torch.cat([src, rec_ids], 1)
+        keys = self.attention.project_keys(values) if self.attention is not None else values
+        return Memory(values, keys, mask, state, copy_ids)
+
+    def _encode_recall(self, recall: RecallInput) -> tuple[Tensor, Tensor, Tensor]:
+        """The recall slots through the shared encoder -> values (B, K·L, H), mask (B, K·L), copy ids (B, K·L)."""
+        B, K, L = recall.ids.shape
+        rank = self.rank_embedding(torch.arange(K, device=recall.ids.device)).unsqueeze(0)  # (1, K, E)
+        extra = rank + self.score_proj(recall.scores.unsqueeze(-1).to(rank.dtype))  # (B, K, E)
+        out, _ = self.encoder(recall.ids.reshape(B * K, L), recall.lengths.reshape(B * K),
+                              extra=extra.reshape(B * K, -1))  # (B·K, L, H)
+        ids = recall.ids.reshape(B, K * L)
+        # The separator </s> is read, never copied (copying it would end the reply): PAD is banned anyway.
+        return out.reshape(B, K * L, -1), ids != PAD_ID, ids.masked_fill(ids == EOS_ID, PAD_ID)
+
+    def _mixture(self, x: Tensor, gate_in: Tensor, weights: Tensor, copy_ids: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, E) output-layer input, gate_in (N, 2H + E) = [c; h; e], weights (N, S) attention,
+        copy_ids (N, S) -> log p (N, V) of the mixture (fp32), gate g (N,) in [0, 1], and the mean over
+        the vocabulary of the generator's log q (N,) (label smoothing's term, see :meth:`forward`)."""
+        gate = torch.sigmoid(self.copy_gate(gate_in).float()).squeeze(-1)  # (N,)
+        log_vocab = torch.log_softmax(self.out(x).float(), dim=-1)  # (N, V)
+        copy = torch.zeros_like(log_vocab).scatter_add_(1, copy_ids, weights.float())  # (N, V)
+        p = gate.unsqueeze(-1) * log_vocab.exp() + (1 - gate).unsqueeze(-1) * copy
+        return torch.log(p.clamp_min(1e-12)), gate, log_vocab.mean(-1)
 
     # ------------------------------------------------------------------ decoder
     def _features(self, h: Tensor, context: Tensor | None, positions: Tensor | None = None) -> Tensor:
@@ -217,13 +250,20 @@ class Seq2Seq(nn.Module):
             x = x[positions]  # (N, 2H): the vocabulary projection is most of the FLOPs; skip padding
         return self.dropout(torch.tanh(self.combine(x)))
 
-    def step(self, prev: Tensor, state: State, memory: Memory) -> tuple[Tensor, Tensor | None, State]:
-        """One decoder step. prev (B,) previous tokens -> logits (B, V), attention (B, S) or None, state."""
-        features, weights, state = self._step_features(prev, state, memory)
-        return self.out(features), weights, state
+    def step(self, prev: Tensor, state: State, memory: Memory
+             ) -> tuple[Tensor, Tensor | None, State, Tensor | None]:
+        """One decoder step. prev (B,) previous tokens -> logits (B, V) (log p for a recall model),
+        attention (B, S) or None, state, copy gate g (B,) or None (models without recall)."""
+        features, weights, state, gate_in = self._step_features(prev, state, memory)
+        if self.copies:
+            logp, gate, _ = self._mixture(features, gate_in, weights, memory.copy_ids)
+            return logp, weights, state, gate
+        return self.out(features), weights, state, None
 
-    def _step_features(self, prev: Tensor, state: State, memory: Memory) -> tuple[Tensor, Tensor | None, State]:
-        """:meth:`step` up to the output layer: features (B, E), attention (B, S) or None, state."""
+    def _step_features(self, prev: Tensor, state: State, memory: Memory
+                       ) -> tuple[Tensor, Tensor | None, State, Tensor | None]:
+        """:meth:`step` up to the output layer: features (B, E), attention (B, S) or None, state, and for a
+        recall model the copy gate's input [c_t; h_t; e(y_{t-1})] (B, 2H + E)."""
         emb = self.dropout(self.embedding(prev)).unsqueeze(1)  # (B, 1, E)
         if self.feeds_context:
             query = _top_hidden(state).unsqueeze(1)  # s_{t-1}: (B, 1, H)
@@ -235,11 +275,12 @@ class Seq2Seq(nn.Module):
             if self.attention is not None:
                 context, weights = self.attention(h, memory.keys, memory.values, memory.mask)
         features = self._features(h, context).squeeze(1)  # (B, E)
-        return features, (weights.squeeze(1) if weights is not None else None), state
+        gate_in = torch.cat([context, h, emb], -1).squeeze(1) if self.copies else None
+        return features, (weights.squeeze(1) if weights is not None else None), state, gate_in
 
-    def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, label: Tensor | None = None,
+    def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, topic: Tensor | None = None,
                 teacher_forcing: float = 1.0, positions: Tensor | None = None,
-                features: bool = False) -> tuple[Tensor, Tensor | None]:
+                features: bool = False, recall: RecallInput | None = None) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced pass. tgt_in (B, T) starts with <s> -> logits (B, T, V), attention (B, T, S) or None.
 
         ``teacher_forcing < 1`` is scheduled sampling: with that probability each step reads the
@@ -247,9 +288,14 @@ class Seq2Seq(nn.Module):
         ``positions`` (B, T) bool, e.g. ``tgt_out != PAD_ID``: return only those positions'
         logits, (N, V) in row-major order (training: no output layer or loss on padding).
         ``features=True``: return the output layer's input instead of logits, (B, T, E) or (N, E),
-        for :func:`chatbot.losses.linear_cross_entropy` (training).
+        for :func:`chatbot.losses.linear_cross_entropy` (training). A recall model returns the mixture's
+        log p, (B, T, V) or (N, V), and with ``features=True`` the pair (log p, mean over the vocabulary
+        of the generator's log q): label smoothing is taken on the generator alone (on the mixture it
+        would charge the copy gate ε·log g at every piece and push it towards generating).
         """
-        memory = self.encode(src, src_len, label)
+        memory = self.encode(src, src_len, topic, recall)
+        if self.copies and teacher_forcing < 1.0:
+            raise ValueError("a recall model trains teacher-forced (no scheduled sampling)")
         if self.feeds_context or teacher_forcing < 1.0:
             x, weights = self._step_loop(tgt_in, memory, teacher_forcing)  # (B, T, E)
             x = x if positions is None else x[positions]
@@ -260,14 +306,31 @@ class Seq2Seq(nn.Module):
         if self.attention is not None:
             context, weights = self.attention(h, memory.keys, memory.values, memory.mask)
         x = self._features(h, context, positions)
+        if self.copies:
+            logp, mean_log_vocab = self._teacher_forced_mixture(x, torch.cat([context, h, emb], -1), weights,
+                                                                memory.copy_ids, positions)
+            return ((logp, mean_log_vocab) if features else logp), weights
         return (x if features else self.out(x)), weights
+
+    def _teacher_forced_mixture(self, x: Tensor, gate_in: Tensor, weights: Tensor, copy_ids: Tensor,
+                                positions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`_mixture` over a whole reply: gate_in (B, T, 2H + E), weights (B, T, S), copy_ids (B, S);
+        x (N, E) at ``positions`` or (B, T, E) -> log p (N, V) or (B, T, V), mean log q (N,) or (B, T)."""
+        B, T, S = weights.shape
+        ids = copy_ids.unsqueeze(1).expand(B, T, S)
+        if positions is not None:
+            logp, _, mean_log_vocab = self._mixture(x, gate_in[positions], weights[positions], ids[positions])
+            return logp, mean_log_vocab
+        logp, _, mean_log_vocab = self._mixture(x.reshape(B * T, -1), gate_in.reshape(B * T, -1),
+                                                weights.reshape(B * T, S), ids.reshape(B * T, S))
+        return logp.view(B, T, -1), mean_log_vocab.view(B, T)
 
     def _step_loop(self, tgt_in: Tensor, memory: Memory, teacher_forcing: float) -> tuple[Tensor, Tensor | None]:
         """Step by step over tgt_in -> output-layer inputs (B, T, E), attention (B, T, S) or None."""
         state, prev = memory.state, tgt_in[:, 0]
         feature_steps, weight_steps = [], []
         for t in range(tgt_in.size(1)):
-            x, weights, state = self._step_features(prev, state, memory)
+            x, weights, state, _ = self._step_features(prev, state, memory)
             feature_steps.append(x)
             if weights is not None:
                 weight_steps.append(weights)
@@ -280,16 +343,9 @@ class Seq2Seq(nn.Module):
         return torch.stack(feature_steps, 1), weights
 
 
-def build_model(cfg: ModelConfig, tokenizer=None) -> Seq2Seq:
-    """The model for ``cfg``. With a ``tokenizer`` (a new model, not a checkpoint being loaded) and
-    ``cfg.char_dim > 0``, the character bag's table comes from it and ``cfg.char_vocab_size`` is set."""
-    table = None
-    if tokenizer is not None and cfg.char_dim > 0:
-        table, cfg.char_vocab_size = tokenizer.character_table(cfg.max_piece_chars)
-    model = Seq2Seq(cfg)
-    if table is not None:
-        model.encoder.char_bag.piece_chars.copy_(torch.from_numpy(table))
-    return model
+def build_model(cfg: ModelConfig) -> Seq2Seq:
+    """The model for ``cfg`` (JoeyNMT's ``build_model``: one place that builds the parts)."""
+    return Seq2Seq(cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -16,7 +16,6 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
 
 from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_PIECES, UNK_ID, TokenizerConfig
@@ -283,24 +282,6 @@ class Tokenizer:
             else:
                 labels.append(SPECIAL_PIECES[UNK_ID])
         return labels
-
-    def character_table(self, max_chars: int) -> tuple[np.ndarray, int]:
-        """Each piece's characters as ids: ``(table (vocab_size, max_chars) int16, number of char ids)``.
-
-        Character ids count from 1 over the sorted characters of the ordinary pieces (0 pads a row;
-        the "▁" marker and the special pieces have no characters). A piece longer than ``max_chars``
-        keeps its first ``max_chars``. Deterministic in the tokenizer: the same table at every load.
-        """
-        pieces = [self._sp.id_to_piece(i).replace(_SPACE, "") if i >= len(SPECIAL_PIECES) else ""
-                  for i in range(self.vocab_size)]
-        chars = {c: k + 1 for k, c in enumerate(sorted({c for piece in pieces for c in piece}))}
-        if len(chars) >= 2**15:
-            raise ValueError(f"{len(chars)} distinct characters do not fit the int16 character table")
-        table = np.zeros((self.vocab_size, max_chars), dtype=np.int16)
-        for i, piece in enumerate(pieces):
-            ids = [chars[c] for c in piece[:max_chars]]
-            table[i, : len(ids)] = ids
-        return table, len(chars) + 1
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, morphemes={self.morphemes})"

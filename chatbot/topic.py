@@ -1,6 +1,6 @@
 """The question's topic (the corpus's label: 0 everyday, 1 breakup, 2 love), predicted from its text.
 
-A model trained with ``model.num_labels`` reads a topic vector beside the question's pieces; the
+A model trained with ``model.num_topics`` reads a topic vector beside the question's pieces; the
 corpus gives it one for every training pair, but a user of the demo types only a message. This
 classifier fills that gap: a linear model over the message's character 1–3-grams (each word
 padded with spaces, as scikit-learn's ``char_wb``), hashed into a fixed number of buckets and
@@ -32,8 +32,6 @@ from .text import normalize
 
 TOPIC_FILE = "topic.safetensors"
 TOPIC_NAMES = ("일상 everyday", "이별 breakup", "사랑 love")  # ChatbotData's labels 0, 1, 2
-UNKNOWN_TOPIC = "모름 unknown"  # the extra topic vector of models trained with train.topic_dropout
-UNSURE_BELOW = 0.7  # such models read "unknown" where the classifier's top probability is lower
 BUCKETS = 8192  # hashed n-gram features: 8192 x 3 weights + 8192 idf = 131 KB in fp32
 NGRAMS = (1, 3)
 
@@ -87,10 +85,10 @@ class TopicClassifier:
         self.bias = bias.float()  # (L,)
         self.idf = idf.float()  # (buckets,)
         self.ngrams = (int(ngrams[0]), int(ngrams[1]))
-        self.names = list(names)[: self.num_labels] + [f"label {i}" for i in range(len(names), self.num_labels)]
+        self.names = list(names)[: self.num_topics] + [f"label {i}" for i in range(len(names), self.num_topics)]
 
     @property
-    def num_labels(self) -> int:
+    def num_topics(self) -> int:
         return self.bias.numel()
 
     @property
@@ -107,9 +105,9 @@ class TopicClassifier:
         return F.embedding_bag(ids, self.weight, offsets, mode="sum", per_sample_weights=w) + self.bias
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), num_labels) probabilities; an empty text gets the prior (the bias alone)."""
+        """(len(texts), num_topics) probabilities; an empty text gets the prior (the bias alone)."""
         if not len(texts):
-            return np.zeros((0, self.num_labels), dtype=np.float32)
+            return np.zeros((0, self.num_topics), dtype=np.float32)
         with torch.no_grad():
             return torch.softmax(self.logits(texts), -1).numpy()
 
@@ -121,7 +119,7 @@ class TopicClassifier:
 
     # ------------------------------------------------------------------ training
     @classmethod
-    def fit(cls, texts: Sequence[str], labels: Sequence[int], num_labels: int | None = None, *,
+    def fit(cls, texts: Sequence[str], labels: Sequence[int], num_topics: int | None = None, *,
             buckets: int = BUCKETS, ngrams: tuple[int, int] = NGRAMS, l2: float = 5e-5, steps: int = 100,
             names: Sequence[str] = TOPIC_NAMES) -> "TopicClassifier":
         """Softmax regression with an L2 penalty, full batch, L-BFGS (deterministic: no random draws).
@@ -133,13 +131,13 @@ class TopicClassifier:
         if len(texts) != len(labels) or not len(texts):
             raise ValueError("fit needs as many labels as texts, and at least one")
         y = torch.tensor([int(x) for x in labels], dtype=torch.long)
-        num_labels = max(int(num_labels or 0), int(y.max()) + 1)
+        num_topics = max(int(num_topics or 0), int(y.max()) + 1)
         bag_ids, counts, offsets = hashed_counts(texts, buckets, ngrams)
         df = torch.zeros(buckets).index_add_(0, bag_ids, torch.ones_like(counts))  # texts containing each bucket
         idf = torch.log((1 + len(texts)) / (1 + df)) + 1  # scikit-learn's smooth idf
         w = tfidf_weights(bag_ids, counts, offsets, idf)
-        prior = torch.bincount(y, minlength=num_labels).float() + 1
-        weight = torch.zeros(buckets, num_labels, requires_grad=True)
+        prior = torch.bincount(y, minlength=num_topics).float() + 1
+        weight = torch.zeros(buckets, num_topics, requires_grad=True)
         bias = torch.log(prior / prior.sum()).requires_grad_(True)
         opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20,
                                 line_search_fn="strong_wolfe")
@@ -181,10 +179,10 @@ class TopicClassifier:
                    json.loads(meta.get("names", json.dumps(TOPIC_NAMES))))
 
 
-def fit_on_splits(splits: dict, num_labels: int) -> tuple[TopicClassifier, dict[str, float]]:
+def fit_on_splits(splits: dict, num_topics: int) -> tuple[TopicClassifier, dict[str, float]]:
     """Fit on the training split's questions and labels (``split_corpus``'s frames); the accuracy on
     the training and validation questions (the test split is left to ``evaluate``)."""
     train, val = splits["train"], splits["val"]
-    clf = TopicClassifier.fit(list(train["Q"]), list(train["label"]), num_labels)
+    clf = TopicClassifier.fit(list(train["Q"]), list(train["label"]), num_topics)
     return clf, {"train": round(clf.accuracy(list(train["Q"]), list(train["label"])), 4),
                  "val": round(clf.accuracy(list(val["Q"]), list(val["label"])), 4)}

@@ -3,10 +3,16 @@
 Writes to ``train.out_dir``::
 
     metrics.jsonl   one JSON object per logged step / epoch (the demo plots it)
-    best/           checkpoint with the lowest validation loss (fp16 weights; what you serve)
+    best/           checkpoint of the best epoch by ``train.select`` (fp16 weights; what you serve):
+                    ``loss`` = lowest validation loss, ``chrf`` = highest chrF of greedy replies to
+                    the validation questions (the default; configs/default.yaml uses chrf)
     last/           latest checkpoint + train_state.pt (optimiser, scheduler, RNG, data position)
 
 ``--resume`` continues from ``last/`` exactly where it stopped (same data order and RNG).
+
+The run, in :func:`train`: :func:`_prepare` (corpus, tokenizer or resume, model, DDP wrapper,
+optimiser, scheduler, progress) -> :meth:`_Run.fit` (per epoch: :meth:`_Run.run_epoch`, the batch
+loop, then :meth:`_Run.validate`) -> :meth:`_Run.finish` (DDP replica check, best/ refresh).
 
 Multi-process (DistributedDataParallel): ``torchrun --nproc_per_node=N -m chatbot train ...``
 (nccl on GPUs, gloo on the CPU). Each rank takes every N-th batch of the same global order;
@@ -28,26 +34,32 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import sacrebleu
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .batching import Batch, EncodedPairs, batch_order, collate, encode_pairs, encode_source, pad
+from .batching import (Batch, EncodedPairs, RecallSlots, batch_order, collate, encode_pairs, encode_source, pad,
+                       with_recall)
 from .checkpoint import MANIFEST, load_checkpoint, read_config, resolve, save_checkpoint, sha256
-from .config import EOS_ID, PAD_ID, UNK_ID, Config, default_data_path
+from .config import EOS_ID, PAD_ID, UNK_ID, Config, TrainConfig, default_data_path
 from .data import load_corpus, split_corpus
 from .losses import corpus_cross_entropy, linear_cross_entropy
-from .model import Seq2Seq, build_model, count_parameters
+from .model import RecallInput, Seq2Seq, build_model, count_parameters
+from .recall import RecallIndex
 from .search import DecodeOptions, greedy
 from .text import Tokenizer
-from .topic import fit_on_splits
+from .topic import TopicClassifier, fit_on_splits
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TRAIN_STATE = "train_state.pt"
 
@@ -150,6 +162,11 @@ def init_distributed(device_name: str = "auto") -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, owns)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a :class:`DistributedDataParallel` wrapper (``model`` itself if not wrapped)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def parameter_hash(model: torch.nn.Module) -> str:
     """sha256 of every parameter's bytes (replicas must agree bit for bit)."""
     h = hashlib.sha256()
@@ -205,12 +222,18 @@ def train_step(model: torch.nn.Module, b: Batch, optimizer: torch.optim.Optimize
     """
     positions = b.tgt_out != PAD_ID  # (B, T)
     device_type = b.src.device.type
+    copies = unwrap(model).copies  # a recall model returns the mixture's log p, not features
     with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
-        x, _ = model(b.src, b.src_len, b.tgt_in, b.label, teacher_forcing=teacher_forcing,
-                     positions=positions, features=True)  # (N, E)
-    out = (model.module if isinstance(model, DistributedDataParallel) else model).out
-    loss_sum = linear_cross_entropy(x, out.weight, out.bias, b.tgt_out[positions], label_smoothing,
-                                    dtype=amp or torch.float32)
+        x, _ = model(b.src, b.src_len, b.tgt_in, b.topic, teacher_forcing=teacher_forcing,
+                     positions=positions, features=True, recall=b.recall)  # (N, E), or (N, V) and (N,)
+    if copies:
+        logp, mean_log_vocab = x
+        nll = F.nll_loss(logp, b.tgt_out[positions], reduction="none")  # (N,)
+        loss_sum = ((1 - label_smoothing) * nll - label_smoothing * mean_log_vocab).sum()
+    else:
+        out = unwrap(model).out
+        loss_sum = linear_cross_entropy(x, out.weight, out.bias, b.tgt_out[positions], label_smoothing,
+                                        dtype=amp or torch.float32)
     stats = torch.stack([loss_sum.detach().double(), positions.sum().double()])  # (2,)
     world = 1
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -230,26 +253,41 @@ def train_step(model: torch.nn.Module, b: Batch, optimizer: torch.optim.Optimize
 
 
 # ---------------------------------------------------------------- evaluation during training
+@dataclass
+class Recalls:
+    """The recalled pairs of a list of questions: each one's index rows and scores, and the slots
+    that turn rows into a model's input."""
+    slots: RecallSlots
+    rows: list[list[int]]  # (N, K)
+    scores: list[list[float]]  # (N, K)
+
+    def batch(self, start: int, end: int) -> RecallInput:
+        return self.slots.batch(self.rows[start:end], self.scores[start:end])
+
+
 def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], max_source_len: int,
-                   device: torch.device, labels: list[int] | None = None) -> list[tuple[str, str]]:
-    """Greedy replies; ``labels`` (one per question) are read by a model with a label embedding."""
+                   device: torch.device, topics: list[int] | None = None,
+                   recall: RecallInput | None = None) -> list[tuple[str, str]]:
+    """Greedy replies; ``topics`` (one per question) are read by a model with ``model.num_topics``,
+    ``recall`` (the questions' recalled pairs) by a model with ``model.recall_k``."""
     if not questions:
         return []
     model.eval()
     src = [tokenizer.encode(q)[:max_source_len] or [EOS_ID] for q in questions]
-    label = None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
+    topic = None if topics is None else torch.tensor(topics, dtype=torch.long, device=device)
     hyps = greedy(model, pad(src).to(device), torch.tensor([len(s) for s in src]).to(device),
-                  DecodeOptions(max_len=40), label)
+                  DecodeOptions(), topic, None if recall is None else recall.to(device))
     return [(q, tokenizer.decode(h.tokens)) for q, h in zip(questions, hyps)]
 
 
 def validation_chrf(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], answers: list[str],
                     max_source_len: int, device: torch.device, batch_size: int = 128,
-                    labels: list[int] | None = None) -> float:
+                    topics: list[int] | None = None, recalls: Recalls | None = None) -> float:
     """chrF of greedy replies to the validation questions (the figure ``evaluate`` reports on test)."""
     replies = [r for i in range(0, len(questions), batch_size)
                for _, r in sample_replies(model, tokenizer, questions[i: i + batch_size], max_source_len, device,
-                                          None if labels is None else labels[i: i + batch_size])]
+                                          None if topics is None else topics[i: i + batch_size],
+                                          None if recalls is None else recalls.batch(i, i + batch_size))]
     return sacrebleu.corpus_chrf(replies, [answers]).score
 
 
@@ -258,21 +296,40 @@ def resample_sources(pairs: EncodedPairs, tokenizer: Tokenizer, questions: list[
     """``pairs`` with every question re-segmented by sentencepiece sampling, deterministic in ``seed``."""
     spm.set_random_generator_seed(seed)
     src = [encode_source(tokenizer, q, max_source_len, alpha) or [EOS_ID] for q in questions]
-    return EncodedPairs(src, pairs.tgt, pairs.labels)
+    return replace(pairs, src=src)
 
 
-def drop_topics(label: Tensor, p: float, unknown: int) -> Tensor:
-    """Replace a share ``p`` of the topic labels by the "unknown topic" index (global torch RNG)."""
-    return label.masked_fill(torch.rand(label.shape, device=label.device) < p, unknown)
+def noisy_recalls(pairs: EncodedPairs, p: float, num_rows: int, seed: int) -> EncodedPairs:
+    """``pairs`` with a share ``p`` of the questions reading random index rows instead of their recalls
+    (scores kept: the model must learn that a high score can still recall the wrong pair, instead of
+    copying its top recall whole); deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    rows = [list(map(int, rng.integers(0, num_rows, len(r)))) if rng.random() < p else r
+            for r in pairs.recall_rows]
+    return replace(pairs, recall_rows=rows)
 
 
-def drop_words(src: Tensor, p: float, keep_first: bool = False) -> Tensor:
-    """Replace a share ``p`` of the real (non-pad) pieces of ``src`` by ``<unk>`` (global torch RNG);
-    ``keep_first``: never the first column (the decoder's ``<s>``)."""
+def drop_words(src: Tensor, p: float) -> Tensor:
+    """Replace a share ``p`` of the real (non-pad) pieces of ``src`` by ``<unk>`` (global torch RNG)."""
     hit = (torch.rand(src.shape, device=src.device) < p) & (src != PAD_ID)
-    if keep_first:
-        hit[:, 0] = False
     return src.masked_fill(hit, UNK_ID)
+
+
+BatchTransform = Callable[[Batch], Batch]
+
+
+def batch_transforms(t_cfg: TrainConfig) -> list[BatchTransform]:
+    """The per-batch regularisers of ``t_cfg``, applied in this order to every training batch on the
+    device (each may draw from the global torch RNG, so the order is part of exact resume).
+
+    ``train.subword_alpha`` is not one of them: it re-segments the questions once per epoch
+    (:func:`resample_sources`).
+    """
+    transforms: list[BatchTransform] = []
+    if t_cfg.word_dropout > 0:
+        p = t_cfg.word_dropout
+        transforms.append(lambda b: replace(b, src=drop_words(b.src, p)))
+    return transforms
 
 
 # ---------------------------------------------------------------- state for exact resume
@@ -382,7 +439,7 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the run
 def train(cfg: Config, *, resume: bool = False, command: str | None = None,
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
     """Train per ``cfg``; returns the best checkpoint's folder."""
@@ -396,10 +453,24 @@ def train(cfg: Config, *, resume: bool = False, command: str | None = None,
 
 def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
            log: Callable[[str], None]) -> Path:
-    t_cfg = cfg.train
-    out = Path(t_cfg.out_dir)
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
+    run = _prepare(cfg, ddp, resume=resume, command=command, log=log)
+    run.fit()
+    return run.finish()
+
+
+# ---------------------------------------------------------------- preparing a run
+@dataclass
+class _Start:
+    """Where a run starts: a new model, or ``last_dir`` of an earlier run (``state``: its train_state.pt)."""
+    cfg: Config
+    model: Seq2Seq
+    tokenizer: Tokenizer
+    last_dir: Path  # last/, or last.old if a save was cut between its two renames
+    state: dict[str, Any] | None = None
+
+
+def _setup_process(t_cfg: TrainConfig, ddp: Distributed) -> tuple[torch.device, torch.dtype | None]:
+    """Threads, seeds, device and autocast dtype of this process."""
     set_threads(t_cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seed_everything(t_cfg.seed)
     device = pick_device(t_cfg.device)
@@ -407,222 +478,392 @@ def _train(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
         keep_freed_memory()
     if ddp.enabled and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
-    amp = autocast_dtype(t_cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    return device, autocast_dtype(t_cfg.amp, device)
 
+
+def _resume_start(cfg: Config, last_dir: Path, device: torch.device, log: Callable[[str], None]) -> _Start:
+    """The run saved in ``last_dir``: its recipe (with this run's length), weights, tokenizer and state."""
+    last_dir = resolve(last_dir)  # last.old if a save was cut between its two renames
+    if not (last_dir / TRAIN_STATE).exists():
+        raise TrainingError(f"--resume: no resumable state in {last_dir} (train without --resume first)")
+    state = _read_state(last_dir)  # fail fast, before the tokenizer and model are built
+    saved_cfg, _ = read_config(last_dir)
+    # What may change on resume: how long to go on (and so continue a run that early stopping ended).
+    saved_cfg.train.max_steps, saved_cfg.train.epochs = cfg.train.max_steps, cfg.train.epochs
+    saved_cfg.train.patience = cfg.train.patience
+    ck = load_checkpoint(last_dir, device)
+    log(f"resuming from {last_dir}")
+    return _Start(saved_cfg, ck.model, ck.tokenizer, last_dir, state)
+
+
+def _fresh_start(cfg: Config, corpus_pairs: pd.DataFrame, train_df: pd.DataFrame, ddp: Distributed,
+                 device: torch.device, out: Path, log: Callable[[str], None]) -> _Start:
+    """A tokenizer trained on the training split (by rank 0, sent to the others) and a new model."""
+    t0 = time.time()
+    if ddp.main:
+        tokenizer = Tokenizer.train(list(train_df["Q"]) + list(train_df["A"]), cfg.tokenizer)
+    if ddp.enabled:  # one tokenizer for every rank: rank 0 trains it, the others receive its bytes
+        proto = [tokenizer.to_bytes() if ddp.main else None]
+        dist.broadcast_object_list(proto, src=0)
+        tokenizer = Tokenizer.from_bytes(proto[0], morphemes=cfg.tokenizer.morphemes)
+    log(f"tokenizer: {tokenizer.vocab_size} pieces in {time.time() - t0:.1f} s")
+    cfg.model.vocab_size = tokenizer.vocab_size
+    if cfg.model.num_topics:
+        cfg.model.num_topics = max(cfg.model.num_topics, int(corpus_pairs["label"].max()) + 1)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    if ddp.main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    return _Start(cfg, model, tokenizer, out / "last")
+
+
+def _wrap_ddp(model: Seq2Seq, ddp: Distributed, device: torch.device, seed: int) -> torch.nn.Module:
+    """``model`` in a DistributedDataParallel wrapper under torchrun, else ``model`` itself."""
+    if not ddp.enabled:
+        return model
+    if not ddp.main:  # DDP broadcasts rank 0's weights; each rank draws its own dropout masks
+        torch.manual_seed(seed + 1_000_003 * ddp.rank)
+    # No buffers to broadcast: the model has parameters only.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def _prepare(cfg: Config, ddp: Distributed, *, resume: bool, command: str | None,
+             log: Callable[[str], None]) -> _Run:
+    """Everything before the first batch: corpus, tokenizer and model (new, or from last/ on resume),
+    DDP wrapper, topic classifier, encoded splits, optimiser, scheduler and progress.
+
+    The order matters: several of these steps seed or draw from the global RNGs, and
+    :func:`_load_state` restores them last, so a resumed run goes on bit for bit.
+    """
+    out = Path(cfg.train.out_dir)
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+    device, amp = _setup_process(cfg.train, ddp)
     data_path = cfg.data.path or default_data_path()
     corpus = load_corpus(data_path, verbose=True)
     splits = split_corpus(corpus.pairs, cfg.data.val_fraction, cfg.data.test_fraction)
-    train_df, val_df = splits["train"], splits["val"]
-    log(f"corpus {data_path}: train {len(train_df)}, val {len(val_df)}, test {len(splits['test'])} pairs")
+    log(f"corpus {data_path}: train {len(splits['train'])}, val {len(splits['val'])}, "
+        f"test {len(splits['test'])} pairs")
 
-    last_dir, best_dir, metrics_path = out / "last", out / "best", out / "metrics.jsonl"
-    saved_state = None
-    if resume:
-        last_dir = resolve(last_dir)  # last.old if a save was cut between its two renames
-        if not (last_dir / TRAIN_STATE).exists():
-            raise TrainingError(f"--resume: no resumable state in {last_dir} (train without --resume first)")
-        saved_state = _read_state(last_dir)  # fail fast, before the tokenizer and model are built
-        saved_cfg, _ = read_config(last_dir)
-        # What may change on resume: how long to go on (and so continue a run that early stopping ended).
-        saved_cfg.train.max_steps, saved_cfg.train.epochs = t_cfg.max_steps, t_cfg.epochs
-        saved_cfg.train.patience = t_cfg.patience
-        cfg = saved_cfg
-        t_cfg = cfg.train
-        ck = load_checkpoint(last_dir, device)
-        model, tokenizer = ck.model, ck.tokenizer
-        log(f"resuming from {last_dir}")
-    else:
-        t0 = time.time()
-        if ddp.main:
-            tokenizer = Tokenizer.train(list(train_df["Q"]) + list(train_df["A"]), cfg.tokenizer)
-        if ddp.enabled:  # one tokenizer for every rank: rank 0 trains it, the others receive its bytes
-            proto = [tokenizer.to_bytes() if ddp.main else None]
-            dist.broadcast_object_list(proto, src=0)
-            tokenizer = Tokenizer.from_bytes(proto[0], morphemes=cfg.tokenizer.morphemes)
-        log(f"tokenizer: {tokenizer.vocab_size} pieces in {time.time() - t0:.1f} s")
-        cfg.model.vocab_size = tokenizer.vocab_size
-        if cfg.model.num_labels:
-            cfg.model.num_labels = max(cfg.model.num_labels, int(corpus.pairs["label"].max()) + 1)
-            cfg.model.unknown_topic = cfg.model.unknown_topic or t_cfg.topic_dropout > 0
-        elif t_cfg.topic_dropout > 0:
-            raise TrainingError("train.topic_dropout needs a model that reads a topic (model.num_labels > 0)")
-        seed_everything(t_cfg.seed)
-        model = build_model(cfg.model, tokenizer).to(device)
-        if ddp.main:
-            metrics_path.unlink(missing_ok=True)
-    if ddp.enabled:
-        if not ddp.main:  # DDP broadcasts rank 0's weights; each rank draws its own dropout masks
-            torch.manual_seed(t_cfg.seed + 1_000_003 * ddp.rank)
-        # No buffer broadcasts: the only buffer is the character table (int16, which gloo and nccl cannot
-        # send), built by every rank from the same tokenizer.
-        train_model: torch.nn.Module = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    else:
-        train_model = model
-
+    start = (_resume_start(cfg, out / "last", device, log) if resume
+             else _fresh_start(cfg, corpus.pairs, splits["train"], ddp, device, out, log))
+    cfg, t_cfg, model = start.cfg, start.cfg.train, start.model
+    train_model = _wrap_ddp(model, ddp, device, t_cfg.seed)
     topic, topic_acc = None, None
-    if cfg.model.num_labels and ddp.main:  # deterministic and ~2 s: fitted afresh on resume too
-        topic, topic_acc = fit_on_splits(splits, cfg.model.num_labels)
+    if cfg.model.num_topics and ddp.main:  # deterministic and ~2 s: fitted afresh on resume too
+        topic, topic_acc = fit_on_splits(splits, cfg.model.num_topics)
         log(f"topic classifier: the corpus label of {topic_acc['val']:.1%} of validation questions "
             f"({topic_acc['train']:.1%} of training questions)")
-
-    enc = lambda df: encode_pairs(tokenizer, df["Q"], df["A"], df["label"],  # noqa: E731
-                                  cfg.data.max_source_len, cfg.data.max_target_len)
-    train_pairs, val_pairs = enc(train_df), enc(val_df)
+    train_pairs, val_pairs = (encode_pairs(start.tokenizer, df["Q"], df["A"], df["label"], cfg.data.max_source_len,
+                                           cfg.data.max_target_len) for df in (splits["train"], splits["val"]))
+    index = slots = None
+    if cfg.model.recall_k:
+        index, slots, train_pairs, val_pairs = _recall_for(cfg.model.recall_k, start.tokenizer, splits,
+                                                           train_pairs, val_pairs, log)
     n_params = count_parameters(model)
     log(f"model: {n_params:,} parameters, attention={cfg.model.attention}, device={device}, "
         f"autocast={amp}, threads={torch.get_num_threads()}"
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
 
-    shard = {"rank": ddp.rank, "world_size": ddp.world_size}
-    batches_per_epoch = len(batch_order(train_pairs, t_cfg.batch_size, t_cfg.seed, 0, **shard))
+    batches_per_epoch = len(batch_order(train_pairs, t_cfg.batch_size, t_cfg.seed, 0,
+                                        rank=ddp.rank, world_size=ddp.world_size))
     total_steps = t_cfg.epochs * batches_per_epoch  # max_steps only stops early: same schedule either way
     optimizer = make_optimizer(model, t_cfg.lr, t_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t_cfg.warmup_steps, total_steps, t_cfg.min_lr_ratio))
-    progress = _load_state(last_dir, optimizer, scheduler, saved_state) if resume else Progress()
-    if resume and ddp.enabled and not ddp.main:  # train_state.pt holds rank 0's RNG only
-        torch.manual_seed(t_cfg.seed + 1_000_003 * ddp.rank + progress.step)
+    progress = Progress()
+    if start.state is not None:
+        progress = _load_state(start.last_dir, optimizer, scheduler, start.state)
+        if ddp.enabled and not ddp.main:  # train_state.pt holds rank 0's RNG only
+            torch.manual_seed(t_cfg.seed + 1_000_003 * ddp.rank + progress.step)
+    return _Run(cfg=cfg, ddp=ddp, log=log, command=command, out=out, last_dir=start.last_dir, device=device,
+                amp=amp, scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+                tokenizer=start.tokenizer, model=model, train_model=train_model, topic=topic,
+                topic_acc=topic_acc, n_params=n_params, splits=splits, train_pairs=train_pairs,
+                val_pairs=val_pairs, optimizer=optimizer, scheduler=scheduler, progress=progress,
+                transforms=batch_transforms(t_cfg), recall_index=index, slots=slots)
 
-    meta = lambda: {"parameters": n_params, "steps": progress.step, "epoch": progress.epoch,  # noqa: E731
-                    "best_val_loss": progress.best_loss, "best_epoch": progress.best_epoch,
-                    "selected_by": t_cfg.select,
-                    **({"best_val_chrf": progress.best_chrf} if t_cfg.select == "chrf" else {}),
-                    "train_seconds": progress.train_seconds, "device": str(device),
-                    "autocast": str(amp), "command": command or "",
-                    **({"world_size": ddp.world_size} if ddp.enabled else {}),
-                    **({"topic_accuracy": topic_acc} if topic_acc else {})}
 
-    def save_last() -> None:
-        # The resume state goes inside the atomic checkpoint save (and its manifest), so last/ always
-        # holds weights and train_state.pt from the same step, whatever interrupts the save.
-        if ddp.main:
-            state_file = out / (TRAIN_STATE + ".tmp")
-            _save_state(state_file, optimizer, scheduler, progress)
-            save_checkpoint(out / "last", model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path,
-                            extra_files={TRAIN_STATE: state_file}, warn_size=False, topic=topic)
-            state_file.unlink(missing_ok=True)
+def _recall_for(k: int, tokenizer: Tokenizer, splits: dict[str, pd.DataFrame], train_pairs: EncodedPairs,
+                val_pairs: EncodedPairs, log: Callable[[str], None]
+                ) -> tuple[RecallIndex, RecallSlots, EncodedPairs, EncodedPairs]:
+    """The recall index over the training split (deterministic: rebuilt on resume too), each training
+    question's top-``k`` leave-one-out recalls, each validation question's top ``k``."""
+    t0 = time.time()
+    train_df, val_df = splits["train"], splits["val"]
+    index = RecallIndex(list(train_df["Q"]), list(train_df["A"]))
+    train_pairs = with_recall(train_pairs, *index.search(list(train_df["Q"]), k, exclude_self=True))
+    val_pairs = with_recall(val_pairs, *index.search(list(val_df["Q"]), k))
+    log(f"recall: top {k} of {len(index)} training pairs for every question in {time.time() - t0:.1f} s")
+    return index, RecallSlots(tokenizer, index.questions, index.answers), train_pairs, val_pairs
 
-    def write_metrics(row: dict[str, Any]) -> None:
-        if ddp.main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
+
+# ---------------------------------------------------------------- running it
+@dataclass
+class _EpochStats:
+    """What :meth:`_Run.run_epoch` saw of one epoch (global: every rank's tokens)."""
+    started: float  # time.time() before the first batch
+    tokens: int = 0  # target tokens trained on
+    loss_sum: float = 0.0  # token-weighted sum of the step losses
+    done: bool = False  # the epoch's last batch is done (False: stopped at train.max_steps within it)
+    stop: bool = False  # train.max_steps reached: validate, save and end the run
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.tokens += tokens
+        self.loss_sum += loss * tokens
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / max(1, self.tokens)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(1e-9, time.time() - self.started)
+
+
+@dataclass
+class _Run:
+    """One training run: what the batch loop, validation and the checkpoint saves share.
+
+    ``model`` is the bare model (evaluation, checkpoints); ``train_model`` is what the optimiser
+    steps go through (the DDP wrapper under torchrun, else ``model`` itself).
+    """
+    cfg: Config
+    ddp: Distributed
+    log: Callable[[str], None]
+    command: str | None
+    out: Path  # train.out_dir (as given now, also on resume)
+    last_dir: Path  # the last/ this run started from (named when the loss blows up)
+    device: torch.device
+    amp: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    tokenizer: Tokenizer
+    model: Seq2Seq
+    train_model: torch.nn.Module
+    topic: TopicClassifier | None  # fitted on rank 0 for a model with model.num_topics, saved beside it
+    topic_acc: dict[str, float] | None
+    n_params: int
+    splits: dict[str, pd.DataFrame]
+    train_pairs: EncodedPairs
+    val_pairs: EncodedPairs
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    progress: Progress
+    transforms: list[BatchTransform]  # per-batch regularisers, in order
+    recall_index: RecallIndex | None = None  # recall models: the training pairs, saved with the checkpoint
+    slots: RecallSlots | None = None  # ... each as the model reads it
+
+    def __post_init__(self) -> None:
+        train_df, val_df = self.splits["train"], self.splits["val"]
+        self.train_questions = list(train_df["Q"])  # re-segmented each epoch with train.subword_alpha
+        self.val_questions, self.val_answers = list(val_df["Q"]), list(val_df["A"])  # for validation_chrf
+        self.val_topics = [int(x) for x in val_df["label"]] if self.cfg.model.num_topics else None  # the model reads them
+        self.sample_questions = self.val_questions[: self.cfg.train.samples]  # replies logged per epoch
+        self.val_recalls = None if self.slots is None else Recalls(
+            self.slots, self.val_pairs.recall_rows, self.val_pairs.recall_scores)
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out / "best"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    # ------------------------------------------------------------ epochs
+    def fit(self) -> None:
+        """Epochs until train.epochs, train.max_steps or early stopping.
+
+        Ctrl-C saves last/ (a second Ctrl-C is ignored until the save is done) and re-raises.
+        """
+        stop = False
+        try:
+            while self.progress.epoch < self.cfg.train.epochs and not stop:
+                stats = self.run_epoch()
+                stop = stats.stop
+                if not self.validate(stats):
+                    break
+                self.model.train()
+        except KeyboardInterrupt:
+            last = self.out / "last"
+            self.log(f"\ninterrupted at step {self.progress.step}: saving {last} (Ctrl-C again is ignored until done)")
+            with _sigint_ignored():
+                self.save_last()
+            self.log(f"saved {last}; continue with --resume")
+            raise
+
+    def epoch_pairs(self) -> EncodedPairs:
+        """The training pairs of this epoch: questions re-segmented when train.subword_alpha > 0."""
+        t = self.cfg.train
+        pairs = self.train_pairs
+        if t.subword_alpha > 0:  # same seed on every rank and on resume: the same segmentations
+            pairs = resample_sources(pairs, self.tokenizer, self.train_questions, t.subword_alpha,
+                                     self.cfg.data.max_source_len, t.seed * 100_003 + self.progress.epoch)
+        if t.recall_noise > 0 and self.recall_index is not None:
+            pairs = noisy_recalls(pairs, t.recall_noise, len(self.recall_index), t.seed * 100_019 + self.progress.epoch)
+        return pairs
+
+    def run_epoch(self) -> _EpochStats:
+        """Train on the current epoch's batches from ``progress.batch`` on (this rank's shard)."""
+        t, p = self.cfg.train, self.progress
+        pairs = self.epoch_pairs()
+        order = batch_order(pairs, t.batch_size, t.seed, p.epoch, rank=self.ddp.rank, world_size=self.ddp.world_size)
+        self.model.train()
+        bar = tqdm(total=len(order), initial=p.batch, desc=f"epoch {p.epoch + 1}/{t.epochs}",
+                   dynamic_ncols=True, disable=None if self.ddp.main else True, file=sys.stderr)
+        stats = _EpochStats(started=time.time())
+        while p.batch < len(order):
+            t_step = time.time()
+            loss_val, n_tok = self.step(self.batch(pairs, order[p.batch]))
+            self.scheduler.step()
+            p.step += 1
+            p.batch += 1
+            stats.add(loss_val, n_tok)
+            p.train_seconds += time.time() - t_step
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{stats.tokens_per_s():,.0f}")
+            if p.step % 50 == 0:
+                self.write_metrics({"step": p.step, "epoch": p.epoch + 1, "train_loss": loss_val,
+                                    "lr": self.scheduler.get_last_lr()[0]})
+            if t.save_every and p.step % t.save_every == 0:
+                self.save_last()
+            if t.max_steps and p.step >= t.max_steps:
+                stats.stop = True
+                break
+        bar.close()
+        stats.done = p.batch >= len(order)
+        return stats
+
+    def batch(self, pairs: EncodedPairs, indices: list[int]) -> Batch:
+        """Pairs ``indices`` as a batch on the device, through the per-batch regularisers."""
+        b = collate(pairs, indices, self.slots)
+        b = (b.pin_memory() if self.device.type == "cuda" else b).to(self.device, non_blocking=True)
+        for transform in self.transforms:
+            b = transform(b)
+        return b
+
+    def step(self, b: Batch) -> tuple[float, int]:
+        """One optimiser step (:func:`train_step`); a non-finite loss ends the run without saving."""
+        t = self.cfg.train
+        try:
+            return train_step(self.train_model, b, self.optimizer, self.scaler, amp=self.amp,
+                              label_smoothing=t.label_smoothing, grad_clip=t.grad_clip,
+                              teacher_forcing=t.teacher_forcing)
+        except NonFiniteLoss as e:
+            raise TrainingError(
+                f"loss became {e.args[0]} at step {self.progress.step + 1} (epoch {self.progress.epoch + 1}); "
+                f"stopped without saving: the last good checkpoint in {self.last_dir} is intact. "
+                "Try a lower train.lr or train.amp=off.") from None
+
+    # ------------------------------------------------------------ validation
+    def validate(self, stats: _EpochStats) -> bool:
+        """Validate after an epoch (or at train.max_steps), log, save best/ and last/.
+
+        Returns False when early stopping ends the run.
+        """
+        t, p = self.cfg.train, self.progress
+        row = self.validation_row(stats)
+        improved = p.record(row["val_loss"], row.get("val_chrf"), t.select)
+        if stats.done:
+            p.epoch += 1
+            p.batch = 0
+        self.write_metrics(row)
+        if improved:
+            self.save_best()
+        self.save_last()
+        if p.bad_epochs >= t.patience:
+            self.log(f"early stopping: no validation improvement for {t.patience} epochs")
+            return False
+        return True
+
+    def validation_row(self, stats: _EpochStats) -> dict[str, Any]:
+        """The epoch's metrics row (validation loss, chrF under train.select = chrf, sample replies), logged."""
+        t, p, max_src = self.cfg.train, self.progress, self.cfg.data.max_source_len
+        val_loss = corpus_cross_entropy(self.model, self.val_pairs, self.device, t.batch_size * 2, self.amp,
+                                        self.slots)
+        row = {"epoch": p.epoch + 1, "step": p.step, "train_loss": stats.train_loss,
+               "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+               "tokens_per_s": stats.tokens_per_s(), "lr": self.scheduler.get_last_lr()[0],
+               "elapsed_s": p.train_seconds}
+        if t.select == "chrf":
+            chrf = [validation_chrf(self.model, self.tokenizer, self.val_questions, self.val_answers, max_src,
+                                    self.device, topics=self.val_topics, recalls=self.val_recalls)
+                    if self.ddp.main else 0.0]
+            if self.ddp.enabled:  # every rank must take the same early-stopping decision
+                dist.broadcast_object_list(chrf, src=0)
+            row["val_chrf"] = chrf[0]
+        samples = sample_replies(self.model, self.tokenizer, self.sample_questions if self.ddp.main else [],
+                                 max_src, self.device,
+                                 self.val_topics[: len(self.sample_questions)] if self.val_topics else None,
+                                 self.val_recalls.batch(0, len(self.sample_questions)) if self.val_recalls else None)
+        row["samples"] = [{"q": q, "reply": r} for q, r in samples]
+        self.log(f"epoch {p.epoch + 1}: train {row['train_loss']:.3f}  val {val_loss:.3f} "
+                 f"(ppl {row['val_ppl']:.1f})" + (f"  chrF {row['val_chrf']:.1f}" if "val_chrf" in row else "")
+                 + f"  {row['tokens_per_s']:,.0f} tok/s")
+        for q, r in samples:
+            self.log(f"    Q: {q}\n    A: {r}")
+        return row
+
+    # ------------------------------------------------------------ output (rank 0 only)
+    def meta(self) -> dict[str, Any]:
+        """The run's summary written into every checkpoint's config.json."""
+        t, p, ddp = self.cfg.train, self.progress, self.ddp
+        return {"parameters": self.n_params, "steps": p.step, "epoch": p.epoch,
+                "best_val_loss": p.best_loss, "best_epoch": p.best_epoch, "selected_by": t.select,
+                **({"best_val_chrf": p.best_chrf} if t.select == "chrf" else {}),
+                "train_seconds": p.train_seconds, "device": str(self.device),
+                "autocast": str(self.amp), "command": self.command or "",
+                **({"world_size": ddp.world_size} if ddp.enabled else {}),
+                **({"topic_accuracy": self.topic_acc} if self.topic_acc else {})}
+
+    def write_metrics(self, row: dict[str, Any]) -> None:
+        if self.ddp.main:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    val_questions = list(val_df["Q"][: t_cfg.samples])
-    train_questions = list(train_df["Q"])
-    val_all = (list(val_df["Q"]), list(val_df["A"]))  # validation_chrf's questions and references
-    val_labels = [int(x) for x in val_df["label"]] if cfg.model.num_labels else None  # the model reads them
-    stop = False
-    try:
-        while progress.epoch < t_cfg.epochs and not stop:
-            epoch_pairs = train_pairs
-            if t_cfg.subword_alpha > 0:  # same seed on every rank and on resume: the same segmentations
-                epoch_pairs = resample_sources(train_pairs, tokenizer, train_questions, t_cfg.subword_alpha,
-                                               cfg.data.max_source_len, t_cfg.seed * 100_003 + progress.epoch)
-            order = batch_order(epoch_pairs, t_cfg.batch_size, t_cfg.seed, progress.epoch, **shard)
-            model.train()
-            bar = tqdm(total=len(order), initial=progress.batch, desc=f"epoch {progress.epoch + 1}/{t_cfg.epochs}",
-                       dynamic_ncols=True, disable=None if ddp.main else True, file=sys.stderr)
-            t_epoch, tok_epoch, loss_sum, loss_n = time.time(), 0, 0.0, 0
-            while progress.batch < len(order):
-                t_step = time.time()
-                b = collate(epoch_pairs, order[progress.batch])
-                b = (b.pin_memory() if device.type == "cuda" else b).to(device, non_blocking=True)
-                if t_cfg.word_dropout > 0:
-                    b = replace(b, src=drop_words(b.src, t_cfg.word_dropout))
-                if t_cfg.answer_word_dropout > 0:  # the decoder reads fewer of the reference's pieces (Bowman
-                    # et al., 2016): it must lean on the question, not on the answer so far; targets unchanged
-                    b = replace(b, tgt_in=drop_words(b.tgt_in, t_cfg.answer_word_dropout, keep_first=True))
-                if t_cfg.topic_dropout > 0:  # then cfg.model.unknown_topic is set (checked at the start)
-                    b = replace(b, label=drop_topics(b.label, t_cfg.topic_dropout, cfg.model.num_labels))
-                try:
-                    loss_val, n_tok = train_step(train_model, b, optimizer, scaler, amp=amp,
-                                                 label_smoothing=t_cfg.label_smoothing, grad_clip=t_cfg.grad_clip,
-                                                 teacher_forcing=t_cfg.teacher_forcing)
-                except NonFiniteLoss as e:
-                    raise TrainingError(
-                        f"loss became {e.args[0]} at step {progress.step + 1} (epoch {progress.epoch + 1}); "
-                        f"stopped without saving: the last good checkpoint in {last_dir} is intact. "
-                        "Try a lower train.lr or train.amp=off.") from None
-                scheduler.step()
-                progress.step += 1
-                progress.batch += 1
-                tok_epoch += n_tok  # global: every rank's tokens
-                loss_sum += loss_val * n_tok
-                loss_n += n_tok
-                progress.train_seconds += time.time() - t_step
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_epoch / max(1e-9, time.time() - t_epoch):,.0f}")
-                if progress.step % 50 == 0:
-                    write_metrics({"step": progress.step, "epoch": progress.epoch + 1, "train_loss": loss_val,
-                                   "lr": scheduler.get_last_lr()[0]})
-                if t_cfg.save_every and progress.step % t_cfg.save_every == 0:
-                    save_last()
-                if t_cfg.max_steps and progress.step >= t_cfg.max_steps:
-                    stop = True
-                    break
-            bar.close()
-            epoch_done = progress.batch >= len(order)
-            val_loss = corpus_cross_entropy(model, val_pairs, device, t_cfg.batch_size * 2, amp)
-            row = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": loss_sum / max(1, loss_n),
-                   "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                   "tokens_per_s": tok_epoch / max(1e-9, time.time() - t_epoch),
-                   "lr": scheduler.get_last_lr()[0], "elapsed_s": progress.train_seconds}
-            if t_cfg.select == "chrf":
-                chrf = [validation_chrf(model, tokenizer, *val_all, cfg.data.max_source_len, device,
-                                        labels=val_labels) if ddp.main else 0.0]
-                if ddp.enabled:  # every rank must take the same early-stopping decision
-                    dist.broadcast_object_list(chrf, src=0)
-                row["val_chrf"] = chrf[0]
-            samples = sample_replies(model, tokenizer, val_questions if ddp.main else [],
-                                     cfg.data.max_source_len, device,
-                                     val_labels[: len(val_questions)] if val_labels else None)
-            row["samples"] = [{"q": q, "reply": r} for q, r in samples]
-            log(f"epoch {progress.epoch + 1}: train {row['train_loss']:.3f}  val {val_loss:.3f} "
-                f"(ppl {row['val_ppl']:.1f})" + (f"  chrF {row['val_chrf']:.1f}" if "val_chrf" in row else "")
-                + f"  {row['tokens_per_s']:,.0f} tok/s")
-            for q, r in samples:
-                log(f"    Q: {q}\n    A: {r}")
-            improved = progress.record(val_loss, row.get("val_chrf"), t_cfg.select)
-            if epoch_done:
-                progress.epoch += 1
-                progress.batch = 0
-            write_metrics(row)
-            if improved and ddp.main:
-                save_checkpoint(best_dir, model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path,
-                                dtype=torch.float16, topic=topic)
-            save_last()
-            if progress.bad_epochs >= t_cfg.patience:
-                log(f"early stopping: no validation improvement for {t_cfg.patience} epochs")
-                break
-            model.train()
-    except KeyboardInterrupt:
-        log(f"\ninterrupted at step {progress.step}: saving {out / 'last'} (Ctrl-C again is ignored until done)")
-        with _sigint_ignored():
-            save_last()
-        log(f"saved {out / 'last'}; continue with --resume")
-        raise
-    if ddp.enabled:
-        hashes: list[Any] = [None] * ddp.world_size
-        dist.all_gather_object(hashes, parameter_hash(model))
-        if len(set(hashes)) != 1:
-            raise TrainingError(f"DDP replicas diverged: parameter hashes {hashes}")
-        log(f"{ddp.world_size} replicas hold identical weights (sha256 {hashes[0][:16]}...)")
-        if not ddp.main:
-            dist.barrier()  # wait for rank 0's final writes before the group goes away
-            return best_dir
-    if not best_dir.exists():
-        save_checkpoint(best_dir, model, tokenizer, cfg, meta=meta(), metrics_path=metrics_path, dtype=torch.float16,
-                        topic=topic)
-    else:  # keep the best weights, refresh the metrics log beside them
-        ck = load_checkpoint(best_dir)
-        save_checkpoint(best_dir, ck.model, ck.tokenizer, ck.config, meta={**ck.meta, **{
-            k: v for k, v in meta().items() if k.startswith("best_") or k == "selected_by"}},
-            metrics_path=metrics_path, dtype=torch.float16, topic=topic)
-    log(f"best checkpoint: {best_dir} (val loss {progress.best_loss:.4f}"
-        + (f", val chrF {progress.best_chrf:.1f}" if t_cfg.select == "chrf" else "")
-        + f", epoch {progress.best_epoch})")
-    if ddp.enabled:
-        dist.barrier()
-    return best_dir
+    def save_last(self) -> None:
+        """last/: weights and train_state.pt of this step."""
+        # The resume state goes inside the atomic checkpoint save (and its manifest), so last/ always
+        # holds weights and train_state.pt from the same step, whatever interrupts the save.
+        if self.ddp.main:
+            state_file = self.out / (TRAIN_STATE + ".tmp")
+            _save_state(state_file, self.optimizer, self.scheduler, self.progress)
+            save_checkpoint(self.out / "last", self.model, self.tokenizer, self.cfg, meta=self.meta(),
+                            metrics_path=self.metrics_path, extra_files={TRAIN_STATE: state_file},
+                            warn_size=False, topic=self.topic, recall=self.recall_index)
+            state_file.unlink(missing_ok=True)
+
+    def save_best(self) -> None:
+        """best/: the current weights in fp16."""
+        if self.ddp.main:
+            save_checkpoint(self.best_dir, self.model, self.tokenizer, self.cfg, meta=self.meta(),
+                            metrics_path=self.metrics_path, dtype=torch.float16, topic=self.topic,
+                            recall=self.recall_index)
+
+    # ------------------------------------------------------------ the end
+    def finish(self) -> Path:
+        """Check the DDP replicas agree, refresh best/ (rank 0), log it; returns best/."""
+        ddp, p = self.ddp, self.progress
+        if ddp.enabled:
+            hashes: list[Any] = [None] * ddp.world_size
+            dist.all_gather_object(hashes, parameter_hash(self.model))
+            if len(set(hashes)) != 1:
+                raise TrainingError(f"DDP replicas diverged: parameter hashes {hashes}")
+            self.log(f"{ddp.world_size} replicas hold identical weights (sha256 {hashes[0][:16]}...)")
+            if not ddp.main:
+                dist.barrier()  # wait for rank 0's final writes before the group goes away
+                return self.best_dir
+        if not self.best_dir.exists():
+            self.save_best()
+        else:  # keep the best weights, refresh the metrics log beside them
+            ck = load_checkpoint(self.best_dir)
+            best_meta = {k: v for k, v in self.meta().items() if k.startswith("best_") or k == "selected_by"}
+            save_checkpoint(self.best_dir, ck.model, ck.tokenizer, ck.config, meta={**ck.meta, **best_meta},
+                            metrics_path=self.metrics_path, dtype=torch.float16, topic=self.topic,
+                            recall=self.recall_index)
+        self.log(f"best checkpoint: {self.best_dir} (val loss {p.best_loss:.4f}"
+                 + (f", val chrF {p.best_chrf:.1f}" if self.cfg.train.select == "chrf" else "")
+                 + f", epoch {p.best_epoch})")
+        if ddp.enabled:
+            dist.barrier()
+        return self.best_dir

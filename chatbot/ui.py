@@ -19,13 +19,14 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .checkpoint import read_metrics
-from .inference import EMPTY_PROMPT, MAX_MESSAGE_CHARS, ChatBot, Reply
+from .batching import MAX_MESSAGE_CHARS
+from .inference import EMPTY_PROMPT, ChatBot, ColumnGroup, Reply
+from .search import OPTIONS, STRATEGIES, STRATEGY_LABELS
 
 FONT_FAMILY = "NanumGothic, Noto Sans KR, Malgun Gothic, Apple SD Gothic Neo, sans-serif"
 MAX_INPUT_CHARS = MAX_MESSAGE_CHARS  # the Textbox's max_length; the callbacks cut API input to this too
 EXAMPLES = ["오늘 너무 힘들었어", "헤어진 지 한 달 됐어", "좋아하는 사람이 생겼어", "주말에 뭐 하지"]
-STRATEGY_CHOICES = [("탐욕 greedy", "greedy"), ("빔 beam", "beam"), ("샘플링 sampling", "sample")]
-TRUNCATED_NOTE = f"(메시지가 길어서 앞부분 {MAX_INPUT_CHARS}자까지만 읽었어요. / Message truncated.)"
+STRATEGY_CHOICES = [(label, value) for value, label in STRATEGY_LABELS.items()]  # the radio's (label, value)
 NO_ATTENTION_NOTE = "이 모델은 어텐션이 없어요 (no-attention baseline): 보여 줄 히트맵이 없습니다."
 NBEST_HEADERS = ["순위 rank", "답변 reply", "점수 score"]
 TOPIC_AUTO = "auto"  # the topic radio's value for "predict it from the message"
@@ -74,24 +75,42 @@ def normalize_history(history: Sequence[Any] | None) -> list[dict[str, str]]:
     return out
 
 
-def clean_message(message: Any) -> tuple[str, bool]:
-    """(message cut to MAX_INPUT_CHARS, whether it was cut). API clients bypass the textbox limit."""
-    text = content_text(message)
-    return text[:MAX_INPUT_CHARS], len(text) > MAX_INPUT_CHARS
+def clean_message(message: Any) -> str:
+    """The message as text, at most MAX_INPUT_CHARS characters (API clients bypass the textbox limit;
+    the model reads even less: :func:`chatbot.batching.encode_message` says what)."""
+    return content_text(message)[:MAX_INPUT_CHARS]
 
 
-def decoding_kwargs(strategy: str = "greedy", beam_size: float = 5, temperature: float = 1.0,
-                    top_k: float = 0, top_p: float = 1.0, max_len: float = 40, no_repeat_ngram: float = 0,
-                    length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> dict[str, Any]:
-    """The decoding controls as :class:`chatbot.search.DecodeOptions` fields (sliders send floats)."""
-    strategy = strategy if strategy in {v for _, v in STRATEGY_CHOICES} else "greedy"
-    beam = max(1, int(beam_size or 1))
-    return dict(strategy=strategy, beam_size=beam, n_best=beam if strategy == "beam" else 1,
-                temperature=max(float(temperature or 1.0), 1e-3), top_k=max(0, int(top_k or 0)),
-                top_p=min(max(float(top_p or 1.0), 1e-3), 1.0), max_len=max(1, int(max_len or 40)),
-                no_repeat_ngram=max(0, int(no_repeat_ngram or 0)),
-                length_penalty=float(length_penalty if length_penalty is not None else 1.0),
-                repetition_penalty=max(float(repetition_penalty or 1.0), 1e-3))
+def truncated_note(reply: Reply) -> str:
+    """What the model read of a long message, or "" when it read all of it."""
+    if not reply.truncated:
+        return ""
+    n, chars = len(reply.source_tokens), reply.source_chars
+    return (f"(메시지가 길어서 앞 {n}조각 ≈ {chars}자만 읽었어요. / "
+            f"The model read the first {n} pieces, about {chars} characters.)")
+
+
+# the demo's decoding controls, in the order its callbacks (and the API endpoints) take them
+CONTROLS = ("strategy", "beam_size", "temperature", "top_k", "top_p", "max_len", "no_repeat_ngram",
+            "length_penalty", "repetition_penalty")
+
+
+def decoding_kwargs(strategy: str | None = None, beam_size: float | None = None, temperature: float | None = None,
+                    top_k: float | None = None, top_p: float | None = None, max_len: float | None = None,
+                    no_repeat_ngram: float | None = None, length_penalty: float | None = None,
+                    repetition_penalty: float | None = None) -> dict[str, Any]:
+    """The decoding controls as :class:`chatbot.search.DecodeOptions` fields, tolerant as an API must be
+    (sliders send floats, API clients anything): a missing value (None) takes the option's default, a
+    number is cast to the option's type and clamped into its range (``OPTIONS``), an unknown strategy
+    is greedy; NaN, infinities and non-numbers raise ValueError naming the control. Beam search
+    returns as many hypotheses as it keeps beams."""
+    sent = dict(zip(CONTROLS, (strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
+                               length_penalty, repetition_penalty)))
+    kw: dict[str, Any] = {"strategy": strategy if strategy in STRATEGIES else OPTIONS["strategy"].default}
+    for name in CONTROLS[1:]:
+        kw[name] = OPTIONS[name].default if sent[name] is None else OPTIONS[name].clamp(sent[name])
+    kw["n_best"] = kw["beam_size"] if kw["strategy"] == "beam" else OPTIONS["n_best"].default
+    return kw
 
 
 def topic_choices(bots: ChatBot | Sequence[ChatBot]) -> list[tuple[str, str]]:
@@ -102,26 +121,27 @@ def topic_choices(bots: ChatBot | Sequence[ChatBot]) -> list[tuple[str, str]]:
     return [("자동 auto", TOPIC_AUTO)] + [(name, str(i)) for i, name in enumerate(names)]
 
 
-def topic_label(value: Any, bot: ChatBot) -> int | None:
-    """The radio's value as the ``label`` for ``bot``: None (predict it) for auto, for anything that is
+def topic_id(value: Any, bot: ChatBot) -> int | None:
+    """The radio's value as the topic for ``bot``: None (predict it) for auto, for anything that is
     not one of its topics, and for a model that reads no topic."""
     try:
-        label = int(value)
+        topic = int(value)
     except (TypeError, ValueError):
         return None
-    return label if 0 <= label < len(bot.topic_names) else None  # no names: the model reads no topic
+    return topic if 0 <= topic < len(bot.topic_names) else None  # no names: the model reads no topic
 
 
 def topic_note(reply: Reply | None) -> str:
     """One line on the topic the encoder read, e.g. "주제 topic: 이별 breakup (자동 예측 auto, 96%)"."""
     if reply is None or reply.topic is None:
         return ""
-    name = f"주제 topic: **{literal(reply.topic_name)}**"
-    top = f"{max(reply.topic_probs):.0%}" if reply.topic_probs else ""
-    return {"given": f"{name} (선택 chosen)",
-            "predicted": f"{name} (자동 예측 auto, {top})",
-            "unsure": f"{name} (자동 auto: 분류기가 확신하지 못함 unsure, 최고 top {top})",
-            }.get(reply.topic_source or "", f"{name} (기본값 default: 주제 분류기 없음 no topic classifier)")
+    t = reply.topic
+    name = f"주제 topic: **{literal(t.name)}**"
+    if t.source == "given":
+        return f"{name} (선택 chosen)"
+    if t.source == "predicted":
+        return f"{name} (자동 예측 auto, {max(t.probs):.0%})"
+    return f"{name} (기본값 default: 주제 분류기 없음 no topic classifier)"
 
 
 # ---------------------------------------------------------------- figures
@@ -146,11 +166,16 @@ def note_figure(text: str, width: int = 30) -> go.Figure:
 
 
 def attention_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str],
-                     attention: np.ndarray | None, title: str | None = None) -> go.Figure:
+                     attention: np.ndarray | None, title: str | None = None,
+                     groups: Sequence[ColumnGroup] = (), gate: np.ndarray | None = None) -> go.Figure:
     """Heatmap of ``attention`` (len(reply_tokens), len(source_tokens)): reply pieces down, source across.
 
     Axes use integer positions with tick labels, so a piece that occurs twice keeps two columns.
+    A recall model's columns come in ``groups`` (메시지 | 기억 1 | …, each recall named by its question
+    and score above its columns), and ``gate`` adds a strip: how much of each piece was copied.
     """
+    if groups and attention is not None and reply_tokens:
+        return recall_figure(source_tokens, reply_tokens, attention, groups, gate, title)
     if attention is None:
         return note_figure(NO_ATTENTION_NOTE)
     if not reply_tokens or not source_tokens:
@@ -171,10 +196,49 @@ def attention_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str],
     return _layout(fig, title, height=max(260, 120 + 26 * R))
 
 
+def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], attention: np.ndarray,
+                  groups: Sequence[ColumnGroup], gate: np.ndarray | None, title: str | None = None) -> go.Figure:
+    """:func:`attention_figure` for a recall model: one heatmap over every column group (each row still
+    sums to 1 over all of them), the groups marked and named, and a copy strip on the right."""
+    att = np.asarray(attention, dtype=float)[: len(reply_tokens), : len(source_tokens)]
+    S, R = len(source_tokens), att.shape[0]
+    src, rep = [literal(p) for p in source_tokens], [literal(p) for p in reply_tokens[:R]]
+    group_of = [next((g.name for g in groups if g.start <= i < g.end), "") for i in range(S)]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.93, 0.07], shared_yaxes=True, horizontal_spacing=0.01)
+    fig.add_trace(go.Heatmap(
+        z=att.round(4).tolist(), x=list(range(S)), y=list(range(R)), zmin=0.0, zmax=1.0,
+        colorscale="Blues", colorbar=dict(title=dict(text="weight"), thickness=12, x=1.02),
+        customdata=[[[s, r, grp] for s, grp in zip(src, group_of)] for r in rep], xgap=1, ygap=1,
+        hovertemplate="%{customdata[2]} · 입력 source: %{customdata[0]}<br>출력 reply: %{customdata[1]}"
+                      "<br>가중치 weight: %{z:.3f}<extra></extra>"), 1, 1)
+    copied = [] if gate is None else [round(1.0 - float(g), 3) for g in np.asarray(gate)[:R]]
+    if copied:
+        fig.add_trace(go.Heatmap(
+            z=[[c] for c in copied], x=[0], y=list(range(R)), zmin=0.0, zmax=1.0, colorscale="Oranges",
+            showscale=False, xgap=1, ygap=1, customdata=[[r] for r in rep],
+            hovertemplate="%{customdata}: 복사 copied %{z:.0%} · 생성 generated<extra></extra>"), 1, 2)
+    for g in groups[1:]:  # a line before each recall, its name and score above its columns
+        fig.add_vline(x=g.start - 0.5, line=dict(color="#e6550d", width=2), row=1, col=1)
+    for g in groups:
+        label = g.name if not g.question else f"{g.name} · {g.score:.2f}<br>{literal(textwrap.shorten(g.question, 14, placeholder='…'))}"
+        fig.add_annotation(x=(g.start + g.end - 1) / 2, y=1.0, xref="x", yref="paper", yanchor="bottom", yshift=44,
+                           text=label, showarrow=False, font=dict(size=11, color="#e6550d" if g.question else "#333"),
+                           hovertext=literal(f"{g.question} → {g.answer}") if g.question else "입력 메시지 the message")
+    fig.update_xaxes(tickmode="array", tickvals=list(range(S)), ticktext=src, side="top",
+                     tickangle=-60 if S > 15 else 0, tickfont=dict(size=10 if S > 30 else 12), row=1, col=1)
+    fig.update_xaxes(tickmode="array", tickvals=[0], ticktext=["복사<br>copy"], side="top", row=1, col=2)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(R)), ticktext=rep, autorange="reversed",
+                     title=dict(text="답변 조각 reply pieces"), row=1, col=1)
+    fig = _layout(fig, title, height=max(320, 190 + 26 * R), top=120)
+    fig.update_layout(margin=dict(t=130))
+    return fig
+
+
 def reply_figure(reply: Reply | None, title: str | None = None) -> go.Figure:
     if reply is None or not reply.generated:
         return note_figure("메시지를 보내면 어텐션 히트맵이 여기에 그려져요.")
-    return attention_figure(reply.source_tokens, reply.reply_tokens, reply.attention, title)
+    return attention_figure(reply.source_tokens, reply.reply_tokens, reply.attention, title,
+                            reply.groups, reply.gate)
 
 
 def step_figure(reply: Reply | None, step: int) -> go.Figure:
@@ -188,10 +252,20 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
         else [f"{t + 1}단계 후보 top-k next pieces"]))
     cands = reply.candidates[t] if t < len(reply.candidates) else []
     chosen = reply.reply_tokens[t]
+    copies = [c.copied or 0.0 for c in cands] if any(c.copied is not None for c in cands) else None
     fig.add_trace(go.Bar(
-        x=list(range(len(cands))), y=[round(c.prob, 4) for c in cands],
+        x=list(range(len(cands))),
+        y=[round(c.prob * (1 - (copies[i] if copies else 0.0)), 4) for i, c in enumerate(cands)],
         marker_color=["#1f77b4" if c.piece == chosen else "#9ecae1" for c in cands],
-        customdata=[literal(c.piece) for c in cands], hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"), 1, 1)
+        customdata=[literal(c.piece) for c in cands],
+        hovertemplate="%{customdata}: " + ("생성 generated " if copies else "") + "%{y:.3f}<extra></extra>"), 1, 1)
+    if copies:  # a recall model: the copied share of each candidate on top, named by where it came from
+        fig.add_trace(go.Bar(
+            x=list(range(len(cands))), y=[round(c.prob * copies[i], 4) for i, c in enumerate(cands)],
+            marker_color=["#e6550d" if c.piece == chosen else "#fdae6b" for c in cands],
+            customdata=[[literal(c.piece), c.source or "-"] for c in cands],
+            hovertemplate="%{customdata[0]}: 복사 copied %{y:.3f} (%{customdata[1]})<extra></extra>"), 1, 1)
+        fig.update_layout(barmode="stack")
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(cands))), ticktext=[literal(c.piece) for c in cands],
                      row=1, col=1)
     fig.update_yaxes(range=[0, 1], title=dict(text="확률 prob"), row=1, col=1)
@@ -253,16 +327,16 @@ def _turn_reply(turns: Sequence[Turn] | None, index: Any) -> Reply | None:
 
 
 def chat_stream(bot: ChatBot, message: Any, history: Sequence[Any] | None, turns: Sequence[Turn] | None,
-                label: int | None = None, **decoding: Any) -> Iterator[tuple[list[dict[str, str]], go.Figure, list[Turn]]]:
+                topic: int | None = None, **decoding: Any) -> Iterator[tuple[list[dict[str, str]], go.Figure, list[Turn]]]:
     """Stream one reply: yields (chat history, attention heatmap, turns) once per generated piece.
 
-    An empty message yields a friendly prompt without running the model; an over-long one is cut
-    and the reply says so. The heatmap has one row per reply piece generated so far. ``label``:
-    the topic for a model that reads one (None: predicted from the message).
+    An empty message yields a friendly prompt without running the model; of an over-long one the
+    model reads the first pieces, and the reply says how many. The heatmap has one row per reply
+    piece generated so far. ``topic``: the topic for a model that reads one (None: predicted).
     """
     history = normalize_history(history)
     turns = list(turns or [])
-    text, cut = clean_message(message)
+    text = clean_message(message)
     if not text.strip():
         history.append({"role": "assistant", "content": EMPTY_PROMPT})
         yield list(history), reply_figure(_turn_reply(turns, None)), turns
@@ -270,18 +344,17 @@ def chat_stream(bot: ChatBot, message: Any, history: Sequence[Any] | None, turns
     history.append({"role": "user", "content": literal(text)})
     history.append({"role": "assistant", "content": "…"})
     yield list(history), note_figure("생각하는 중… (thinking)"), turns
-    reply: Reply | None = None
-    for step in bot.stream(text, label=label, **decoding):
+    for step in bot.stream(text, topic=topic, **decoding):
         reply = step.reply
+        if step.done:
+            break
         history[-1] = {"role": "assistant", "content": literal(reply.text)}
         yield list(history), reply_figure(reply), turns
-    if reply is None:  # the model ended at once, or the message had no pieces ("\u200b")
-        reply = bot.reply(text, label=label, **decoding)
-        if not reply.generated:
-            history[-1] = {"role": "assistant", "content": EMPTY_PROMPT}
-            yield list(history), reply_figure(_turn_reply(turns, None)), turns
-            return
-    note = TRUNCATED_NOTE if (cut or reply.truncated) else ""
+    if not reply.generated:  # the message had no pieces ("\u200b")
+        history[-1] = {"role": "assistant", "content": EMPTY_PROMPT}
+        yield list(history), reply_figure(_turn_reply(turns, None)), turns
+        return
+    note = truncated_note(reply)
     history[-1] = {"role": "assistant", "content": literal(reply.text or "…") + (f"\n{note}" if note else "")}
     turns = [*turns, Turn(text, reply)]  # new lists each yield: gradio diffs streamed values
     yield list(history), reply_figure(reply), turns
@@ -338,28 +411,26 @@ def hypothesis_reply(turns: Sequence[Turn] | None, index: Any, hypothesis: int) 
 
 
 # ---------------------------------------------------------------- API, compare, about
-def reply_json(bot: ChatBot, message: Any, label: int | None = None, **decoding: Any) -> dict[str, Any]:
-    """The ``/reply`` endpoint: :meth:`Reply.to_dict` plus a note when the message was cut."""
-    text, cut = clean_message(message)
-    reply = bot.reply(text, label=label, **decoding) if text.strip() else EMPTY_REPLY
+def reply_json(bot: ChatBot, message: Any, topic: int | None = None, **decoding: Any) -> dict[str, Any]:
+    """The ``/reply`` endpoint: :meth:`Reply.to_dict` plus a note when the model read part of the message."""
+    text = clean_message(message)
+    reply = bot.reply(text, topic=topic, **decoding) if text.strip() else EMPTY_REPLY
     out = reply.to_dict()
-    out["truncated"] = bool(cut or reply.truncated)
-    out["generated"] = reply.generated
-    if out["truncated"]:
-        out["note"] = TRUNCATED_NOTE
+    if reply.truncated:
+        out["note"] = truncated_note(reply)
     return out
 
 
 def compare(bots: dict[str, ChatBot], message: Any) -> list[tuple[str, go.Figure]]:
     """The same message answered by each bot (greedy): (reply text, heatmap) per bot, in order."""
-    text, cut = clean_message(message)
+    text = clean_message(message)
     out = []
     for name, bot in bots.items():
         reply = bot.reply(text) if text.strip() else EMPTY_REPLY
         if not reply.generated:
             out.append((EMPTY_PROMPT, reply_figure(None)))
             continue
-        note = f"\n\n{TRUNCATED_NOTE}" if (cut or reply.truncated) else ""
+        note = f"\n\n{truncated_note(reply)}" if reply.truncated else ""
         if reply.topic is not None:
             note += f"\n\n({topic_note(reply).replace('**', '')})"
         out.append((reply.text + note, reply_figure(reply)))
@@ -377,7 +448,7 @@ def model_card(bot: ChatBot) -> str:
 def describe(bot: ChatBot, name: str | None = None) -> str:
     """One markdown line on a loaded checkpoint (``name``: how the demo calls it)."""
     m = bot.config.model
-    topic = " · 주제 입력 reads a topic" if m.num_labels else ""
+    topic = " · 주제 입력 reads a topic" if m.num_topics else ""
     return f"**{literal(name or bot.name)}** · {m.rnn.upper()} {m.hidden_dim} · attention `{m.attention}`{topic}"
 
 
@@ -388,14 +459,31 @@ ATTENTION_EXPLAINED = r"""
 $\bar h_s$ 를 만듭니다. (A bidirectional RNN turns each source piece into a state $\bar h_s$.)
 
 **디코더 decoder** — 다른 RNN이 답변을 한 조각씩 만듭니다. $t$번째 단계의 상태를 $h_t$ 라고 합니다.
+(Another RNN writes the reply piece by piece; $h_t$ is its state at step $t$.)
 
-**어텐션 attention (Luong et al., 2015)** — 조각을 하나 만들 때마다 디코더는 입력의 어느 부분을 볼지 정합니다.
+**어텐션 attention** — 조각을 하나 만들 때마다 디코더는 입력의 어느 부분을 볼지 정합니다: 입력 조각마다 점수를
+매기고, softmax로 가중치 $a_t(s)$ 를 만들어, 그 가중치로 문맥 벡터 $c_t$ 를 모읍니다.
+(At every step the decoder scores each source piece, turns the scores into weights $a_t(s)$ with a
+softmax and takes the weighted sum $c_t$ of the source states.)
 
-$$\mathrm{score}(h_t, \bar h_s) = h_t^\top \bar h_s \;\text{(dot)},\quad h_t^\top W_a \bar h_s \;\text{(general)},\quad v_a^\top \tanh(W_a[h_t; \bar h_s]) \;\text{(additive)}$$
+$$a_t(s) = \mathrm{softmax}_s\big(e_{ts}\big) = \frac{\exp e_{ts}}{\sum_{s'} \exp e_{ts'}} \qquad c_t = \sum_s a_t(s)\, \bar h_s$$
 
-$$a_t(s) = \mathrm{softmax}_s\big(\mathrm{score}(h_t, \bar h_s)\big) = \frac{\exp \mathrm{score}(h_t, \bar h_s)}{\sum_{s'} \exp \mathrm{score}(h_t, \bar h_{s'})}$$
+**Luong et al. (2015): dot, general** — RNN이 먼저 한 단계를 진행하고, 그 출력 $h_t$ 로 점수를 매긴 뒤 문맥을
+출력 쪽에서 합칩니다. (The RNN steps first; its output $h_t$ scores the source, and the context joins on
+the output side.)
 
-$$c_t = \sum_s a_t(s)\, \bar h_s \qquad \tilde h_t = \tanh\big(W_c [c_t; h_t]\big) \qquad p(y_t \mid y_{<t}, x) = \mathrm{softmax}(W_s \tilde h_t)$$
+$$e_{ts} = h_t^\top \bar h_s \;\text{(dot)}, \qquad e_{ts} = h_t^\top W_a \bar h_s \;\text{(general)}, \qquad h_t = \mathrm{RNN}\big(y_{t-1},\, h_{t-1}\big)$$
+
+**Bahdanau et al. (2015): additive** — 이전 상태 $h_{t-1}$ (논문의 $s_{t-1}$)로 점수를 매기고, 문맥 $c_t$ 는
+RNN의 입력이 됩니다. (The previous state $h_{t-1}$, the paper's $s_{t-1}$, scores the source, and the
+context is an input of the RNN step.)
+
+$$e_{ts} = v_a^\top \tanh\big(W_a h_{t-1} + U_a \bar h_s\big), \qquad h_t = \mathrm{RNN}\big([y_{t-1}; c_t],\, h_{t-1}\big)$$
+
+**출력 output** — 두 방식 모두 문맥과 상태를 합쳐 다음 조각의 확률을 냅니다.
+(Both then combine context and state into the next piece's probabilities.)
+
+$$\tilde h_t = \tanh\big(W_c [c_t; h_t]\big) \qquad p(y_t \mid y_{<t}, x) = \mathrm{softmax}(W_s \tilde h_t)$$
 
 히트맵의 한 행이 바로 $a_t$ 입니다: $t$번째 답변 조각을 만들 때 입력 조각마다 준 가중치이고, 행의 합은 1입니다.
 (Each heatmap row is $a_t$; it sums to 1.)

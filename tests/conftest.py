@@ -37,10 +37,10 @@ def tiny_checkpoint(tiny_corpus_csv, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_topic_checkpoint(tiny_corpus_csv, tmp_path_factory) -> Path:
-    """A tiny model that reads the corpus label as a topic (model.num_labels 3), with the topic
+    """A tiny model that reads the corpus label as a topic (model.num_topics 3), with the topic
     classifier that training fits and writes beside it."""
     return train_tiny(tiny_corpus_csv, tmp_path_factory.mktemp("topic_run"),
-                      **{"model.num_labels": "3", "train.select": "chrf", "train.epochs": "3"})
+                      **{"model.num_topics": "3", "train.select": "chrf", "train.epochs": "3"})
 
 
 @pytest.fixture(scope="session")

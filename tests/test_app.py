@@ -110,13 +110,33 @@ def test_topic_parameter_of_reply_and_chat(two_models):
     plain, topical = bots
     given = client.predict(MSG, model=topical, topic="2", api_name="/reply")
     assert (given["topic_id"], given["topic_source"], given["topic_probs"]) == (2, "given", None)
-    assert given["reply"] == bots[topical].reply(MSG, label=2).text
+    assert given["reply"] == bots[topical].reply(MSG, topic=2).text
     auto = client.predict(MSG, model=topical, api_name="/reply")  # the default: predicted from the message
     assert auto["topic_source"] == "predicted" and abs(sum(auto["topic_probs"]) - 1) < 1e-3
-    assert auto["topic_id"] == bots[topical].topic.predict([MSG])[0]
+    assert auto["topic_id"] == bots[topical].topic_classifier.predict([MSG])[0]
     assert client.predict(MSG, model=plain, topic="2", api_name="/reply")["topic_id"] is None
     history, _ = client.predict(MSG, model=topical, topic="1", api_name="/chat")
-    assert history[-1]["content"][0]["text"] == bots[topical].reply(MSG, label=1).text
+    assert history[-1]["content"][0]["text"] == bots[topical].reply(MSG, topic=1).text
+
+
+def test_decoding_controls_are_built_from_decode_options(tiny_bot):
+    import gradio as gr
+
+    from chatbot import ui
+    from chatbot.demo import build_demo
+    from chatbot.search import OPTIONS
+
+    demo = build_demo({"tiny": tiny_bot})
+    by_label = {b.label: b for b in demo.blocks.values() if isinstance(b, (gr.Slider, gr.Radio))}
+    for name in ui.CONTROLS:
+        spec, control = OPTIONS[name], by_label[OPTIONS[name].label]
+        assert control.value == spec.default, name
+        if isinstance(control, gr.Slider):
+            assert (control.minimum, control.maximum, control.step) == (spec.low, spec.high, spec.step), name
+        else:
+            assert [value for _, value in control.choices] == list(spec.choices)
+    reply = demo.fns[next(k for k, fn in demo.fns.items() if fn.api_name == "reply")]
+    assert [c.label for c in reply.inputs[2:-1]] == [OPTIONS[name].label for name in ui.CONTROLS]  # the API's order
 
 
 def test_checkpoint_arguments(tmp_path):

@@ -137,7 +137,7 @@ def test_topic_picker_appears_for_a_topic_model_and_steers_its_reply(two_models_
     radio.wait_for(state="visible", timeout=10_000)
     assert radio.get_by_label("자동 auto").is_checked()
     radio.get_by_text("사랑 love").click()
-    expected = bots["topic"].reply(message, label=2)
+    expected = bots["topic"].reply(message, topic=2)
     send(page, message)
     # the tiny model's replies may hold runs of spaces, which HTML shows as one
     page.wait_for_function("t => document.querySelector('#chat').innerText.replace(/\\s+/g, ' ').includes(t)",

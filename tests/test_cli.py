@@ -39,6 +39,56 @@ def test_reply_json_and_beam(tiny_checkpoint):
         assert len(r["attention"]) == len(r["reply_tokens"])
         assert all(len(row) == len(r["source_tokens"]) and abs(sum(row) - 1) < 1e-3 for row in r["attention"])
         assert len(r["n_best"]) == 2
+    plain = run("reply", "--checkpoint", str(tiny_checkpoint), "--beam", "3", "--n-best", "2",
+                stdin="오늘 날씨 좋다\n고백할까\n")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines() == [r["reply"].replace("\n", " ") for r in rows]  # the best, one line each
+
+
+@pytest.mark.parametrize("command", ["reply", "evaluate"])
+def test_decoding_flags_come_from_decode_options(command):
+    from chatbot.cli import _decoding, build_parser
+    from chatbot.search import OPTIONS, STRATEGIES, DecodeOptions
+
+    parser = build_parser()
+    sub = parser.parse_args([command]).decoding_parser
+    actions = {a.dest: a for a in sub._actions}
+    for name, spec in OPTIONS.items():
+        action = actions[name]
+        assert "--" + name.replace("_", "-") in action.option_strings
+        if name not in ("strategy", "beam_size"):  # those two follow each other (see _decoding)
+            assert action.default == spec.default, name
+        assert f"default {'none' if spec.default is None else spec.default}" in action.help
+        if not spec.choices:
+            assert spec.range_text() in action.help
+    assert "--beam" in actions["beam_size"].option_strings
+    assert "--json" in actions["n_best"].help
+    assert DecodeOptions(**_decoding(parser.parse_args([command]))) == DecodeOptions()
+    for strategy in STRATEGIES:
+        assert DecodeOptions(**_decoding(parser.parse_args([command, "--strategy", strategy]))) == DecodeOptions(
+            strategy=strategy)
+    beam = _decoding(parser.parse_args([command, "--beam", "3", "--n-best", "2", "--top-k", "5"]))
+    assert (beam["strategy"], beam["beam_size"], beam["n_best"]) == ("beam", 3, 2) and "top_k" not in beam
+    sample = _decoding(parser.parse_args([command, "--strategy", "sample", "--seed", "3", "--n-best", "2"]))
+    assert sample["seed"] == 3 and "n_best" not in sample and "beam_size" not in sample
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-len", "0"], "argument --max-len: must be in 1–80, got 0"),
+    (["--beam", "11"], "must be in 1–10, got 11"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number"),
+    (["--top-p", "inf"], "argument --top-p: must be a finite number"),
+    (["--top-k", "two"], "argument --top-k: must be an integer"),
+    (["--beam", "2", "--n-best", "3"], "n_best must be at most beam_size (2), got 3"),
+])
+def test_out_of_range_decoding_flags_are_a_one_line_usage_error(flags, says, capsys):
+    from chatbot.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["reply", "--checkpoint", "does-not-exist", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
 
 
 def test_evaluate_prints_model_and_baseline_figures(tiny_checkpoint, tiny_corpus_csv):
@@ -53,7 +103,9 @@ def test_evaluate_prints_model_and_baseline_figures(tiny_checkpoint, tiny_corpus
     seen = result["chrf_by_answer_seen"]  # test pairs whose answer is / is not also a training answer
     assert seen["answer_in_train"]["pairs"] + seen["answer_new"]["pairs"] == result["pairs"]
     assert all(g["model_chrf"] is None or 0 <= g["model_chrf"] <= 100 for g in seen.values())
-    probe = result["encoder_neighbour"]  # training answers of the encoder's nearest training questions
+    assert "encoder_neighbour" not in result  # the probe runs only when asked
+    p = run("evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_corpus_csv), "--probe")
+    probe = json.loads(p.stdout)["encoder_neighbour"]  # training answers of the encoder's nearest training questions
     assert 0 <= probe["exact_match"] <= 1 and 0 < probe["chrf"] <= 100
 
 

@@ -39,7 +39,7 @@ def single_process_on_union_batches(cfg, csv, tokenizer) -> dict[str, torch.Tens
     cfg.model.vocab_size = tokenizer.vocab_size
     t = cfg.train
     seed_everything(t.seed)
-    model = build_model(cfg.model, tokenizer).train()
+    model = build_model(cfg.model).train()
     per_rank = len(batch_order(pairs, t.batch_size, t.seed, 0, rank=0, world_size=2))
     optimizer = make_optimizer(model, t.lr, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, EPOCHS * per_rank,
@@ -58,15 +58,13 @@ def single_process_on_union_batches(cfg, csv, tokenizer) -> dict[str, torch.Tens
     raise AssertionError("ran out of batches")
 
 
-@pytest.mark.parametrize("model", [{}, {"model.char_dim": "4", "model.max_piece_chars": "4"}],
-                         ids=["plain", "character-bag"])
-def test_torchrun_two_cpu_processes_equal_one_process_on_the_global_batch(tiny_corpus_csv, tmp_path, model):
+def test_torchrun_two_cpu_processes_equal_one_process_on_the_global_batch(tiny_corpus_csv, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "chatbot", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--data", str(tiny_corpus_csv), "--out", str(out)]
-    for k, v in {**OVERRIDES, **model}.items():
+    for k, v in OVERRIDES.items():
         cmd += [f"--{k}", v]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -80,7 +78,7 @@ def test_torchrun_two_cpu_processes_equal_one_process_on_the_global_batch(tiny_c
     assert meta["world_size"] == 2 and meta["steps"] == STEPS
     assert not list(out.glob("**/*.tmp"))
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv), **OVERRIDES, **model})
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", {"data.path": str(tiny_corpus_csv), **OVERRIDES})
     torch.set_num_threads(1)
     reference = single_process_on_union_batches(cfg, tiny_corpus_csv, load_checkpoint(out / "last").tokenizer)
     ddp = load_file(out / "last" / "model.safetensors")

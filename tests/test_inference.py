@@ -5,7 +5,8 @@ import numpy as np
 import torch
 import pytest
 
-from chatbot.inference import EMPTY_PROMPT, MAX_MESSAGE_CHARS
+from chatbot.batching import MAX_MESSAGE_CHARS
+from chatbot.inference import EMPTY_PROMPT
 from corpus import BASE_PAIRS
 
 
@@ -25,24 +26,26 @@ def test_reply_has_pieces_and_attention(tiny_bot):
 @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
 def test_stream_grows_one_row_per_piece_and_ends_at_the_full_reply(tiny_bot, strategy):
     opts = {"strategy": strategy, "seed": 3} if strategy != "beam" else {"strategy": "beam", "beam_size": 3, "n_best": 3}
-    steps = list(tiny_bot.stream("오늘 날씨 좋다", **opts))
-    assert steps
+    *steps, last = list(tiny_bot.stream("오늘 날씨 좋다", **opts))
+    assert steps and last.done and not any(s.done for s in steps)
     for i, s in enumerate(steps, 1):
         assert len(s.reply.reply_tokens) == i and s.reply.attention.shape[0] == i
         assert s.piece == s.reply.reply_tokens[-1]
         np.testing.assert_allclose(s.attention, s.reply.attention[-1])
     full = tiny_bot.reply("오늘 날씨 좋다", **opts)
-    assert steps[-1].reply.text == full.text
-    np.testing.assert_allclose(steps[-1].reply.attention, full.attention, atol=1e-6)
+    assert last.reply.text == full.text and last.reply.reply_tokens == full.reply_tokens
+    assert last.reply.score == pytest.approx(full.score, abs=1e-5)  # one score: </s> included in both
+    np.testing.assert_allclose(last.reply.attention, full.attention, atol=1e-6)
     if strategy == "beam":
-        assert len(full.n_best) == 3 and len(steps[-1].reply.n_best) == 3
+        assert len(full.n_best) == 3 and len(last.reply.n_best) == 3
 
 
 @pytest.mark.parametrize("message", ["", "   ", "\u200b\u200b", "\x00", "\n\t"])
 def test_empty_messages_get_a_prompt_without_running_the_model(tiny_bot, message):
     r = tiny_bot.reply(message)
     assert not r.generated and r.text == EMPTY_PROMPT and r.attention is None
-    assert list(tiny_bot.stream(message)) == []
+    [final] = list(tiny_bot.stream(message))  # the final step alone
+    assert final.done and not final.reply.generated and final.reply.text == EMPTY_PROMPT
 
 
 @pytest.mark.parametrize("message", ["😀😀", "<script>alert(1)</script>", "a\x00b", "\u202e거꾸로", "ㅋㅋㅋㅋ",
@@ -58,6 +61,9 @@ def test_long_messages_are_truncated_with_a_flag(tiny_bot):
     r = tiny_bot.reply("안녕 " * (MAX_MESSAGE_CHARS))
     assert r.truncated and len(r.source_tokens) == tiny_bot.max_source_len
     assert not tiny_bot.reply("안녕").truncated
+    exact = " ".join(["안녕"] * 200)  # cut to exactly max_source_len pieces: nothing dropped, not truncated
+    ids = tiny_bot.tokenizer.encode(exact)[: tiny_bot.max_source_len]
+    assert not tiny_bot.reply(tiny_bot.tokenizer.decode(ids)).truncated
 
 
 def test_batch_matches_single_replies(tiny_bot):
@@ -77,7 +83,7 @@ def test_int8_quantized_bot_gives_valid_replies_and_streams(tiny_checkpoint):
         assert r.attention.shape == (len(r.reply_tokens), len(r.source_tokens))
         np.testing.assert_allclose(r.attention.sum(1), 1.0, atol=1e-5)
     steps = list(bot.stream("헤어졌어"))
-    assert steps[-1].reply.text == bot.reply("헤어졌어").text
+    assert steps[-1].done and steps[-1].reply.text == bot.reply("헤어졌어").text
     assert not ChatBot.from_checkpoint(tiny_checkpoint, device="cpu").quantized  # auto: tiny models stay fp32
 
 

@@ -109,21 +109,21 @@ def test_scheduled_sampling_uses_the_step_loop_and_backpropagates():
     assert model.embedding.weight.grad is not None
 
 
-def test_label_embedding_changes_the_output():
-    model = tiny("general", num_labels=3)
+def test_topic_embedding_changes_the_output():
+    model = tiny("general", num_topics=3)
     src, src_len, tgt_in = make_batch()
     a, _ = model(src, src_len, tgt_in, torch.tensor([0, 0, 0]))
     b, _ = model(src, src_len, tgt_in, torch.tensor([2, 2, 2]))
     assert not torch.allclose(a, b)
 
 
-def test_label_vectors_start_at_the_scale_of_piece_vectors():
+def test_topic_vectors_start_at_the_scale_of_piece_vectors():
     """The label is added to every piece's embedding: at nn.Embedding's N(0, 1) it would drown them."""
-    cfg = ModelConfig(vocab_size=8000, emb_dim=256, hidden_dim=64, num_labels=3)
+    cfg = ModelConfig(vocab_size=8000, emb_dim=256, hidden_dim=64, num_topics=3)
     torch.manual_seed(0)
     model = build_model(cfg)
     piece_norm = model.embedding.weight[4:].norm(dim=1).mean()
-    label_norm = model.encoder.label_embedding.weight.norm(dim=1).mean()
+    label_norm = model.encoder.topic_embedding.weight.norm(dim=1).mean()
     assert 0.5 < float(label_norm / piece_norm) < 2.0
 
 
@@ -147,50 +147,3 @@ def test_unpadded_batches_skip_packing_with_the_same_result(rnn):
     assert (out_p[:, 6:] == 0).all()
     for a, b in zip(final if rnn == "lstm" else [final], final_p if rnn == "lstm" else [final_p]):
         torch.testing.assert_close(a, b)
-
-
-def test_character_bag_relates_pieces_that_share_characters(tiny_checkpoint):
-    """The piece -> characters table, and the encoder input it adds (zero for <pad>/<unk>)."""
-    from chatbot.checkpoint import load_checkpoint
-
-    tok = load_checkpoint(tiny_checkpoint).tokenizer
-    table, n_chars = tok.character_table(4)
-    assert table.shape == (tok.vocab_size, 4) and table.dtype.name == "int16"
-    assert not table[:4].any()  # special pieces have no characters
-    for i in range(4, tok.vocab_size):
-        piece = tok.display_pieces([i])[0]
-        assert int((table[i] != 0).sum()) == min(4, len(piece)) or piece == "·"
-    assert 1 < n_chars and table.max() == n_chars - 1
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, emb_dim=8, hidden_dim=12, dropout=0.0, char_dim=6,
-                      char_vocab_size=n_chars, max_piece_chars=4)
-    model = build_model(cfg).eval()
-    bag = model.encoder.char_bag
-    bag.piece_chars.copy_(torch.from_numpy(table))
-    a, b = 10, 11
-    ids = torch.tensor([[a, b, PAD_ID, 1]])
-    with torch.no_grad():
-        out = bag(ids)  # (1, 4, E)
-    assert out.shape == (1, 4, 8)
-    assert float(out[0, 2:].abs().sum()) == 0.0  # <pad> and <unk> have no characters
-    chars_a = set(table[a][table[a] != 0].tolist())
-    with torch.no_grad():
-        expected_a = bag.proj(bag.embedding.weight[sorted(chars_a)].mean(0)) if chars_a else torch.zeros(8)
-    torch.testing.assert_close(out[0, 0], expected_a)
-
-
-@pytest.mark.parametrize("rnn", ["gru", "lstm"])
-def test_memory_noise_blurs_training_passes_only(rnn):
-    model = tiny("general", rnn, memory_noise=0.5)
-    src, src_len, tgt_in = make_batch()
-    quiet = tiny("general", rnn)  # same seed: the same weights, no noise
-    eval_logits, _ = model(src, src_len, tgt_in)
-    torch.testing.assert_close(eval_logits, quiet(src, src_len, tgt_in)[0])  # eval: noise off
-    model.train(), quiet.train()  # dropout is 0: only the noise makes passes differ
-    first, second, clean = model(src, src_len, tgt_in)[0], model(src, src_len, tgt_in)[0], quiet(src, src_len, tgt_in)[0]
-    assert not torch.allclose(first, second) and not torch.allclose(first, clean)
-    torch.testing.assert_close(clean, eval_logits)
-    first.sum().backward()  # differentiable through the noisy memory
-    assert model.encoder.rnn.weight_hh_l0.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="memory_noise"):
-        ModelConfig(memory_noise=-0.1)

@@ -9,8 +9,8 @@ import torch
 
 from chatbot.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ModelConfig
 from chatbot.model import build_model
-from chatbot.search import (DecodeOptions, beam_search, block_ngrams, decode, filter_top_k_top_p, greedy,
-                            repetition_penalty, sample)
+from chatbot.search import (OPTIONS, STRATEGIES, DecodeOptions, beam_search, block_ngrams, decode, filter_top_k_top_p,
+                            greedy, repetition_penalty, sample)
 
 
 def tiny(attention="general", seed=0):
@@ -78,11 +78,12 @@ def test_greedy_attention_matches_teacher_forcing_and_padding_is_cut():
 def test_greedy_score_is_the_sum_of_log_probabilities():
     model = tiny("dot")
     src, src_len = sources()
-    h = greedy(model, src[:1], src_len[:1], DecodeOptions(max_len=6, min_len=0))[0]
+    h = greedy(model, src[:1], src_len[:1], DecodeOptions(max_len=6))[0]
     tokens = h.tokens + ([EOS_ID] if h.finished else [])
     with torch.no_grad():
         logits, _ = model(src[:1], src_len[:1], torch.tensor([[BOS_ID] + tokens[:-1]]))
     logits[..., [PAD_ID, BOS_ID, UNK_ID]] = -math.inf
+    logits[:, 0, EOS_ID] = -math.inf  # min_len 1: no </s> first
     logp = logits.log_softmax(-1)[0, torch.arange(len(tokens)), torch.tensor(tokens)]
     assert h.score == pytest.approx(float(logp.sum()), abs=1e-3)
 
@@ -139,8 +140,54 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_top_k_one():
     assert [h.tokens for h in k1] == [h.tokens for h in greedy(model, src, src_len)]
 
 
-def test_decode_options_validate():
-    with pytest.raises(ValueError):
-        DecodeOptions(strategy="nucleus")
-    with pytest.raises(ValueError):
-        DecodeOptions(temperature=0)
+def test_decode_options_defaults_are_the_specs():
+    assert DecodeOptions() == DecodeOptions(strategy="greedy", max_len=40, min_len=1, beam_size=5, length_penalty=1.0,
+                                            n_best=1, temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram=0,
+                                            repetition_penalty=1.0, inspect_k=5, seed=None)
+    assert {name: spec.default for name, spec in OPTIONS.items()} == vars(DecodeOptions())
+    for spec in OPTIONS.values():
+        assert spec.label and spec.help and set(spec.strategies) <= set(STRATEGIES)
+        if spec.choices:
+            continue
+        assert spec.type in (int, float) and isinstance(spec.low, spec.type) and isinstance(spec.high, spec.type)
+        for value in (spec.low, spec.high):  # the limits themselves are allowed
+            DecodeOptions(**{"beam_size": 10, spec.name: value})
+
+
+OUT_OF_RANGE = [("max_len", 0), ("max_len", 81), ("min_len", 0), ("min_len", 81), ("beam_size", 0), ("beam_size", 11),
+                ("length_penalty", -0.1), ("length_penalty", 2.5), ("n_best", 0), ("n_best", 11), ("temperature", 0),
+                ("temperature", 0.01), ("temperature", 2.5), ("top_k", -1), ("top_k", 51), ("top_p", 0),
+                ("top_p", 1.01), ("no_repeat_ngram", -1), ("no_repeat_ngram", 6), ("repetition_penalty", 0.9),
+                ("repetition_penalty", 2.1), ("inspect_k", 0), ("inspect_k", 21), ("seed", -1), ("seed", 2**32)]
+NOT_ALLOWED = [("strategy", "nucleus"), ("strategy", None), ("max_len", 3.0), ("max_len", None), ("top_k", True),
+               ("temperature", "1.0")]
+NOT_ALLOWED += [(name, bad) for name, spec in OPTIONS.items() if spec.type is float
+                for bad in (math.nan, math.inf, -math.inf)]
+
+
+@pytest.mark.parametrize("name, value", OUT_OF_RANGE)
+def test_decode_options_reject_out_of_range_fields_by_name_and_range(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be in {OPTIONS[name].range_text()}, got "):
+        DecodeOptions(**{"beam_size": 10, name: value})
+
+
+@pytest.mark.parametrize("name, value", NOT_ALLOWED)
+def test_decode_options_reject_non_finite_and_wrong_types_by_name(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must "):
+        DecodeOptions(**{name: value})
+
+
+def test_n_best_at_most_the_beam_size():
+    DecodeOptions(strategy="beam", beam_size=3, n_best=3)
+    with pytest.raises(ValueError, match="n_best must be at most beam_size"):
+        DecodeOptions(strategy="beam", beam_size=3, n_best=4)
+
+
+def test_clamp_casts_and_clamps_but_rejects_non_finite_numbers():
+    assert OPTIONS["max_len"].clamp(500.0) == 80 and OPTIONS["max_len"].clamp(0) == 1
+    assert OPTIONS["beam_size"].clamp("4.7") == 4 and isinstance(OPTIONS["beam_size"].clamp(4.0), int)
+    assert OPTIONS["temperature"].clamp(0) == 0.05 and OPTIONS["top_p"].clamp(0.9) == 0.9
+    assert isinstance(OPTIONS["length_penalty"].clamp(1), float)
+    for bad in (math.nan, math.inf, "nan", "x", None):
+        with pytest.raises(ValueError, match="^top_p must be"):
+            OPTIONS["top_p"].clamp(bad)

@@ -67,26 +67,26 @@ def test_save_load_round_trip_and_a_bad_file(tmp_path):
 def test_training_writes_the_classifier_and_the_bot_predicts_the_topic(tiny_topic_checkpoint):
     assert (tiny_topic_checkpoint / TOPIC_FILE).is_file()
     ck = load_checkpoint(tiny_topic_checkpoint)
-    assert ck.topic is not None and set(ck.meta["topic_accuracy"]) == {"train", "val"}
+    assert ck.topic_classifier is not None and set(ck.meta["topic_accuracy"]) == {"train", "val"}
     assert "topic.safetensors" in (tiny_topic_checkpoint / "README.md").read_text(encoding="utf-8")
     bot = ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu")
     auto = bot.reply("헤어진 지 한 달 됐어")
-    assert auto.topic == int(np.argmax(auto.topic_probs)) and auto.topic_name == bot.topic_names[auto.topic]
-    assert auto.text == bot.reply("헤어진 지 한 달 됐어", label=auto.topic).text  # predicted = given, same reply
-    given = bot.reply("헤어진 지 한 달 됐어", label=2)
-    assert given.topic == 2 and given.topic_probs is None
+    assert auto.topic.label == int(np.argmax(auto.topic.probs)) and auto.topic.name == bot.topic_names[auto.topic.label]
+    assert auto.text == bot.reply("헤어진 지 한 달 됐어", topic=auto.topic.label).text  # predicted = given, same reply
+    given = bot.reply("헤어진 지 한 달 됐어", topic=2)
+    assert given.topic.label == 2 and given.topic.probs is None
     assert given.to_dict()["topic_source"] == "given" and auto.to_dict()["topic_source"] == "predicted"
-    streamed = list(bot.stream("헤어진 지 한 달 됐어", label=2))
-    assert streamed and streamed[-1].reply.text == given.text and streamed[-1].reply.topic == 2
+    streamed = list(bot.stream("헤어진 지 한 달 됐어", topic=2))
+    assert streamed[-1].done and streamed[-1].reply.text == given.text and streamed[-1].reply.topic.label == 2
     beam = bot.reply("헤어진 지 한 달 됐어", strategy="beam", beam_size=3, n_best=3)
     assert all(h.topic == beam.topic for h in beam.n_best)
-    with pytest.raises(ValueError, match="topic label must be in 0..2"):
-        bot.reply("안녕", label=3)
+    with pytest.raises(ValueError, match="topic must be in 0..2"):
+        bot.reply("안녕", topic=3)
 
 
-def test_a_model_without_topics_ignores_the_label(tiny_bot):
+def test_a_model_without_topics_ignores_the_topic(tiny_bot):
     assert not tiny_bot.reads_topic
-    r = tiny_bot.reply("안녕", label=1)
+    r = tiny_bot.reply("안녕", topic=1)
     assert r.topic is None and r.text == tiny_bot.reply("안녕").text and r.to_dict()["topic_source"] is None
 
 
@@ -96,15 +96,16 @@ def test_topic_command_adds_a_classifier_and_refuses_models_without_topics(tiny_
 
     ck = load_checkpoint(tiny_topic_checkpoint)
     bare = save_checkpoint(tmp_path / "bare", ck.model, ck.tokenizer, ck.config, meta=ck.meta)  # as trained before
-    assert load_checkpoint(bare).topic is None
+    assert load_checkpoint(bare).topic_classifier is None
     defaulted = ChatBot.from_checkpoint(bare, device="cpu").reply("헤어졌어")
-    assert (defaulted.topic, defaulted.topic_source) == (0, "default")  # no classifier: topic 0, and it says so
+    assert (defaulted.topic.label, defaulted.topic.source) == (0, "default")  # no classifier: topic 0, and it says so
     assert main(["topic", "--checkpoint", str(bare), "--data", str(tiny_corpus_csv)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["topic_accuracy"]["train"] > 0.9
     again = load_checkpoint(bare)
     texts = ["헤어졌어", "배고파", "고백할까"]
-    np.testing.assert_allclose(again.topic.predict_proba(texts), ck.topic.predict_proba(texts), atol=1e-5)
+    np.testing.assert_allclose(again.topic_classifier.predict_proba(texts), ck.topic_classifier.predict_proba(texts),
+                               atol=1e-5)
     assert "python -m chatbot topic" in (bare / "README.md").read_text(encoding="utf-8")
     assert main(["topic", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_corpus_csv)]) == 2
     assert "reads no topic" in capsys.readouterr().err
@@ -122,37 +123,3 @@ def test_a_corrupt_classifier_file_is_named(tiny_topic_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="topic.safetensors"):
         load_checkpoint(ck)
 
-
-def test_topic_dropout_adds_an_unknown_topic_read_where_the_classifier_is_unsure(tiny_corpus_csv, tmp_path,
-                                                                                tiny_topic_checkpoint):
-    import torch
-
-    from chatbot.evaluate import evaluate
-    from chatbot.train import TrainingError, drop_topics
-    from conftest import train_tiny
-
-    torch.manual_seed(0)
-    dropped = drop_topics(torch.zeros(10_000, dtype=torch.long), 0.3, 3)
-    assert set(dropped.tolist()) == {0, 3} and abs(float((dropped == 3).float().mean()) - 0.3) < 0.02
-    with pytest.raises(TrainingError, match="topic_dropout needs a model that reads a topic"):
-        train_tiny(tiny_corpus_csv, tmp_path / "no", **{"train.topic_dropout": "0.3"})
-    best = train_tiny(tiny_corpus_csv, tmp_path / "run", **{"model.num_labels": "3", "train.topic_dropout": "0.3",
-                                                            "train.epochs": "3"})
-    bot = ChatBot.from_checkpoint(best, device="cpu")
-    assert bot.config.model.unknown_topic and bot.unknown_topic == 3
-    assert bot.model.encoder.label_embedding.num_embeddings == 4 and bot.topic_names[-1] == "모름 unknown"
-    msg = "헤어진 지 한 달 됐어"
-    probs = bot.topic.predict_proba([msg])[0]
-    bot.topic_threshold = float(probs.max()) + 1e-3  # just above the classifier's confidence: unsure
-    unsure = bot.reply(msg)
-    assert unsure.topic == 3 and unsure.topic_source == "unsure" and unsure.topic_probs is not None
-    assert unsure.text == bot.reply(msg, label=3).text
-    bot.topic_threshold = float(probs.max()) - 1e-3
-    assert bot.reply(msg).topic == int(probs.argmax())
-    with pytest.raises(ValueError, match="0..3"):
-        bot.reply(msg, label=4)
-    result = evaluate(bot, str(tiny_corpus_csv), topics="unknown")
-    assert result["topics"] == "unknown"
-    assert all(e["model"] == bot.reply(e["q"], label=3).text for e in result["examples"])
-    with pytest.raises(ValueError, match="no 'unknown topic' vector"):
-        evaluate(ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu"), str(tiny_corpus_csv), topics="unknown")

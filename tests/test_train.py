@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from chatbot.checkpoint import load_checkpoint, read_metrics
-from chatbot.config import TrainConfig, load_config
+from chatbot.config import Config, TrainConfig, load_config
 from chatbot.train import TrainingError, train
 from conftest import ROOT, train_tiny
 
@@ -125,32 +126,6 @@ def test_word_dropout_hits_about_its_share_of_real_pieces_and_never_padding():
     hit = out[:, :20] != src[:, :20]
     assert (out[:, :20][hit] == UNK_ID).all()
     assert 0.22 < hit.float().mean().item() < 0.28
-    src[:, 0] = 2  # <s>: what the decoder reads first stays
-    kept = drop_words(src, 0.5, keep_first=True)
-    assert (kept[:, 0] == 2).all() and (kept[:, 1:20] == UNK_ID).float().mean() > 0.4
-
-
-def test_answer_word_dropout_hits_the_decoders_input_and_never_the_targets(tiny_corpus_csv, tmp_path, monkeypatch):
-    import chatbot.train as training
-    from chatbot.config import BOS_ID, EOS_ID, UNK_ID
-
-    seen, real_step = [], training.train_step
-
-    def recording_step(model, b, *args, **kwargs):  # the real step, with the batch it got noted
-        seen.append((b.tgt_in.clone(), b.tgt_out.clone()))
-        return real_step(model, b, *args, **kwargs)
-
-    monkeypatch.setattr(training, "train_step", recording_step)
-    best = train_tiny(tiny_corpus_csv, tmp_path, **{"train.answer_word_dropout": "0.3", "train.epochs": "2"})
-    assert load_checkpoint(best).config.train.answer_word_dropout == 0.3
-    assert all((i[:, 0] == BOS_ID).all() for i, _ in seen)  # <s> is always read
-    # the input is the target shifted by one, but for the hidden pieces; the targets are whole
-    assert all(((i[:, 1:] == o[:, :-1]) | (i[:, 1:] == UNK_ID) | (o[:, :-1] == EOS_ID)).all() for i, o in seen)
-    hidden = sum(((i[:, 1:] == UNK_ID) & (o[:, :-1] != UNK_ID)).sum() for i, o in seen)
-    real = sum((o[:, :-1] > EOS_ID).sum() for _, o in seen)
-    assert 0.15 < hidden / real < 0.45
-    with pytest.raises(ValueError, match="answer_word_dropout"):
-        TrainConfig(answer_word_dropout=1.0)
 
 
 def test_selecting_by_chrf_keeps_the_epoch_with_the_best_validation_chrf(tiny_corpus_csv, tmp_path):
@@ -195,27 +170,8 @@ def test_early_stopping_counts_epochs_that_improve_neither_loss_nor_the_selectio
     assert (q.best_epoch, q.best_loss, q.bad_epochs) == (2, 2.9, 2)
 
 
-def test_character_bag_trains_saves_and_reloads(tiny_corpus_csv, tmp_path):
-    from chatbot.inference import ChatBot
-
-    best = train_tiny(tiny_corpus_csv, tmp_path / "run", **{"model.char_dim": "8", "model.max_piece_chars": "4"})
-    ck = load_checkpoint(best)
-    assert ck.config.model.char_dim == 8 and ck.config.model.char_vocab_size > 1
-    table, n = ck.tokenizer.character_table(4)
-    assert n == ck.config.model.char_vocab_size
-    assert torch.equal(ck.model.encoder.char_bag.piece_chars, torch.from_numpy(table))  # saved with the weights
-    weights = load_file(best / "model.safetensors")
-    assert weights["encoder.char_bag.piece_chars"].dtype == torch.int16
-    from chatbot.checkpoint import rewrite_card
-
-    rewrite_card(best, "| metric | model |")  # evaluate --write-card keeps fp16 weights beside the int16 table
-    assert {t.dtype for t in load_file(best / "model.safetensors").values()} == {torch.float16, torch.int16}
-    r = ChatBot.from_checkpoint(best, device="cpu").reply("안녕 반가워")
-    assert r.attention is not None and r.attention.shape == (len(r.reply_tokens), len(r.source_tokens))
-
-
 def test_a_label_model_reads_each_questions_label_in_validation_and_evaluate(tiny_corpus_csv, tiny_topic_checkpoint):
-    """model.num_labels > 0: the corpus label is an input, so validation chrF and `evaluate --topics corpus`
+    """model.num_topics > 0: the corpus label is an input, so validation chrF and `evaluate --topics corpus`
     pass each question's own label (not label 0 for all), and the replies are the ones ChatBot gives for that
     label; `evaluate` as served (the default) gives each question the topic its classifier predicts."""
     from chatbot.data import load_corpus, split_corpus
@@ -224,25 +180,58 @@ def test_a_label_model_reads_each_questions_label_in_validation_and_evaluate(tin
     from chatbot.train import sample_replies
 
     bot = ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu")
-    assert bot.config.model.num_labels == 3 and bot.topic is not None
+    assert bot.config.model.num_topics == 3 and bot.topic_classifier is not None
     result = evaluate(bot, str(tiny_corpus_csv), topics="corpus")
-    assert result["reads_labels"] is True and result["topics"] == "corpus"
+    assert result["reads_topic"] is True and result["topics"] == "corpus"
     test = split_corpus(load_corpus(str(tiny_corpus_csv), verbose=False).pairs, bot.config.data.val_fraction,
                         bot.config.data.test_fraction)["test"]
     label_of = dict(zip(test["Q"], test["label"]))
     assert len({label_of[e["q"]] for e in result["examples"]}) > 1  # the sample covers several labels
     for e in result["examples"]:
-        assert e["model"] == bot.reply(e["q"], label=int(label_of[e["q"]])).text
+        assert e["model"] == bot.reply(e["q"], topic=int(label_of[e["q"]])).text
     served = evaluate(bot, str(tiny_corpus_csv))
     assert served["topics"] == "predicted" and 0 <= served["topic_accuracy"] <= 1
-    predicted = dict(zip(test["Q"], bot.topic.predict(list(test["Q"]))))
+    predicted = dict(zip(test["Q"], bot.topic_classifier.predict(list(test["Q"]))))
     for e in served["examples"]:
-        assert e["model"] == bot.reply(e["q"], label=predicted[e["q"]]).text == bot.reply(e["q"]).text
+        assert e["model"] == bot.reply(e["q"], topic=predicted[e["q"]]).text == bot.reply(e["q"]).text
 
     model = bot.model
     with torch.no_grad():
-        model.encoder.label_embedding.weight.mul_(50)  # make the label dominate the tiny model's input
+        model.encoder.topic_embedding.weight.mul_(50)  # make the label dominate the tiny model's input
     questions = list(test["Q"][:6])
     by_label = [sample_replies(model, bot.tokenizer, questions, 48, torch.device("cpu"), [lab] * 6)
                 for lab in range(3)]
     assert len({tuple(r for _, r in replies) for replies in by_label}) > 1
+
+
+def test_the_defaults_are_the_shipped_recipe():
+    """`python -m chatbot train` with no --config trains checkpoints/default's recipe."""
+    from chatbot.checkpoint import read_config
+
+    recipe = load_config(ROOT / "configs" / "default.yaml").to_dict()
+    assert Config().to_dict() == recipe
+    shipped = read_config(ROOT / "checkpoints" / "default")[0].to_dict()
+    for section in ("data", "tokenizer", "model", "train"):  # apart from what a run fills in or the command set
+        for key, value in recipe[section].items():
+            # (its run had patience 4, the recipe's value then; early stopping never fired: it ran all 50 epochs)
+            if (section, key) not in {("model", "vocab_size"), ("train", "threads"), ("train", "out_dir"),
+                                      ("train", "patience")}:
+                assert shipped[section][key] == value, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("key", ["model.memory_noise", "train.answer_word_dropout", "train.topic_dropout",
+                                 "model.unknown_topic", "model.char_dim", "data.use_label", "model.num_labels"])
+def test_a_removed_key_is_one_clear_error_naming_it(key, tiny_checkpoint, tmp_path):
+    from chatbot.checkpoint import CheckpointError, read_config
+
+    section, name = key.split(".")
+    with pytest.raises(ValueError, match=f"config key {key} "):
+        Config.from_dict({section: {name: 1}})
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old)
+    raw = json.loads((old / "config.json").read_text(encoding="utf-8"))
+    raw["config"][section][name] = 0
+    (old / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=f"{key} (was removed|is now)") as e:
+        read_config(old)
+    assert "\n" not in str(e.value)

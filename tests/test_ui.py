@@ -9,7 +9,7 @@ import pytest
 
 from chatbot import ui
 from chatbot.inference import EMPTY_PROMPT, Candidate, Reply
-from chatbot.search import DecodeOptions
+from chatbot.search import STRATEGIES, DecodeOptions
 
 MSG = "오늘 너무 힘들었어"
 
@@ -75,9 +75,13 @@ def test_long_message_is_cut_with_a_note_and_html_is_escaped(tiny_bot):
     history, _, turns = list(ui.chat_stream(tiny_bot, "<b>안녕</b>" + "가" * 10_000, [], []))[-1]
     assert history[0]["content"].startswith("&lt;b&gt;안녕&lt;/b&gt;")
     assert len(turns[0].message) == ui.MAX_INPUT_CHARS
-    assert history[-1]["content"].endswith(ui.TRUNCATED_NOTE)
+    n = tiny_bot.max_source_len
+    assert history[-1]["content"].endswith(ui.truncated_note(turns[0].reply))
+    assert f"앞 {n}조각 ≈ {turns[0].reply.source_chars}자만 읽었어요" in history[-1]["content"]
     out = ui.reply_json(tiny_bot, "가" * 10_000)
-    assert out["truncated"] and out["note"] == ui.TRUNCATED_NOTE
+    assert out["truncated"] and f"앞 {n}조각" in out["note"]
+    short = ui.reply_json(tiny_bot, "안녕")
+    assert not short["truncated"] and "note" not in short
 
 
 def test_history_parts_are_flattened():
@@ -92,6 +96,22 @@ def test_decoding_controls_map_to_decode_options():
     assert (opts.strategy, opts.beam_size, opts.n_best, opts.top_k, opts.max_len, opts.no_repeat_ngram) == (
         "beam", 4, 4, 10, 30, 2)
     assert DecodeOptions(**ui.decoding_kwargs("nonsense")).strategy == "greedy"
+
+
+def test_decoding_controls_take_their_defaults_clamp_and_reject_non_finite_numbers():
+    defaults = DecodeOptions()
+    assert DecodeOptions(**ui.decoding_kwargs()) == defaults  # nothing sent: DecodeOptions' defaults
+    kw = ui.decoding_kwargs("sample", 99, 0.0, -3, 5.0, 500, 9, 7, 0)  # API clients may send anything
+    assert (kw["beam_size"], kw["temperature"], kw["top_k"], kw["top_p"], kw["max_len"], kw["no_repeat_ngram"],
+            kw["length_penalty"], kw["repetition_penalty"]) == (10, 0.05, 0, 1.0, 80, 5, 2.0, 1.0)
+    assert isinstance(kw["max_len"], int) and isinstance(kw["top_p"], float)
+    DecodeOptions(**kw)
+    assert ui.decoding_kwargs("beam", 4.6)["n_best"] == 4  # beam search returns every beam
+    for name in ui.CONTROLS[1:]:
+        for bad in (float("nan"), float("inf"), "many"):
+            with pytest.raises(ValueError, match=f"^{name} must be"):
+                ui.decoding_kwargs(**{name: bad})
+    assert [value for _, value in ui.STRATEGY_CHOICES] == list(STRATEGIES)
 
 
 def test_step_inspector_shows_candidates_beside_the_attention_row(tiny_bot):
@@ -179,11 +199,11 @@ def test_topic_control_maps_to_a_label_and_the_status_names_the_topic(tiny_bot, 
 
     topic_bot = ChatBot.from_checkpoint(tiny_topic_checkpoint, device="cpu")
     assert [v for _, v in ui.topic_choices(topic_bot)] == [ui.TOPIC_AUTO, "0", "1", "2"]
-    assert [ui.topic_label(v, topic_bot) for v in (ui.TOPIC_AUTO, "0", "2", "3", None, "x")] == [None, 0, 2, None,
+    assert [ui.topic_id(v, topic_bot) for v in (ui.TOPIC_AUTO, "0", "2", "3", None, "x")] == [None, 0, 2, None,
                                                                                               None, None]
-    assert ui.topic_label("1", tiny_bot) is None  # a model that reads no topic gets none
+    assert ui.topic_id("1", tiny_bot) is None  # a model that reads no topic gets none
     *_, (history, _, turns) = ui.chat_stream(topic_bot, "헤어진 지 한 달 됐어", [], [], 2)
-    assert turns[-1].reply.topic == 2 and history[-1]["content"] == literal_reply(topic_bot, 2)
+    assert turns[-1].reply.topic.label == 2 and history[-1]["content"] == literal_reply(topic_bot, 2)
     status = ui.turn_view(turns).status
     assert topic_bot.topic_names[2] in status and "선택 chosen" in status
     *_, (_, _, turns) = ui.chat_stream(topic_bot, "헤어진 지 한 달 됐어", [], [])
@@ -197,7 +217,7 @@ def test_topic_control_maps_to_a_label_and_the_status_names_the_topic(tiny_bot, 
 
 
 def literal_reply(bot, label: int) -> str:
-    return html.escape(bot.reply("헤어진 지 한 달 됐어", label=label).text, quote=False)
+    return html.escape(bot.reply("헤어진 지 한 달 됐어", topic=label).text, quote=False)
 
 
 def test_one_topic_radio_serves_every_model(tiny_bot, tiny_topic_checkpoint):
@@ -207,10 +227,3 @@ def test_one_topic_radio_serves_every_model(tiny_bot, tiny_topic_checkpoint):
     assert ui.topic_choices([tiny_bot, topic_bot]) == ui.topic_choices(topic_bot)
     assert ui.topic_choices(tiny_bot) == [("자동 auto", ui.TOPIC_AUTO)]
 
-
-def test_an_unsure_classifier_is_named_in_the_status(tiny_topic_checkpoint):
-    reply = Reply("네", ["헤어"], ["네"], np.ones((1, 1)), topic=3, topic_probs=[0.4, 0.35, 0.25],
-                  topic_name="모름 unknown", topic_source="unsure")
-    assert "확신하지 못함 unsure" in ui.topic_note(reply) and "40%" in ui.topic_note(reply)
-    reply = Reply("네", ["헤어"], ["네"], np.ones((1, 1)), topic=0, topic_name="일상 everyday", topic_source="default")
-    assert "분류기 없음 no topic classifier" in ui.topic_note(reply)

@@ -1,0 +1,158 @@
+"""The recall model (model.recall_k > 0): one softmax over message + recalls, the copy gate, decoding,
+training, saving and serving it (tiny sizes, fixed seeds, a tiny corpus)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from chatbot.config import BOS_ID, EOS_ID, PAD_ID, ModelConfig
+from chatbot.model import RecallInput, build_model
+from chatbot.search import DecodeOptions, beam_search, greedy, sample
+from conftest import ROOT, train_tiny
+
+V = 40
+
+
+def tiny(k=2, seed=0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(vocab_size=V, emb_dim=8, hidden_dim=12, dropout=0.0, recall_k=k)).eval()
+
+
+def batch():
+    """Two messages (the second padded) and their two recall slots each (padded, one slot empty)."""
+    src = torch.tensor([[5, 6, 7, 8], [9, 10, PAD_ID, PAD_ID]])
+    src_len = torch.tensor([4, 2])
+    ids = torch.full((2, 2, 6), PAD_ID)
+    ids[0, 0, :5] = torch.tensor([11, 12, EOS_ID, 13, 14])  # question </s> answer
+    ids[0, 1, :4] = torch.tensor([15, EOS_ID, 16, 17])
+    ids[1, 0, :6] = torch.tensor([18, 19, EOS_ID, 20, 21, 22])
+    ids[1, 1, :1] = EOS_ID  # nothing recalled: a lone </s>
+    recall = RecallInput(ids, torch.tensor([[5, 4], [6, 1]]), torch.tensor([[0.9, 0.4], [0.7, 0.0]]))
+    tgt_in = torch.tensor([[BOS_ID, 13, 14], [BOS_ID, 20, 21]])
+    return src, src_len, tgt_in, recall
+
+
+def test_one_softmax_over_message_and_recalls_is_zero_on_padding_and_the_mixture_sums_to_one():
+    model = tiny()
+    src, src_len, tgt_in, recall = batch()
+    with torch.no_grad():
+        logp, w = model(src, src_len, tgt_in, recall=recall)
+    assert logp.shape == (2, 3, V) and w.shape == (2, 3, 4 + 2 * 6)  # message (4) + K (2) x L (6) columns
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3))  # one distribution over everything it reads
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(2, 3))  # the mixture is a distribution
+    assert (w[1, :, 2:4] == 0).all()  # the second message's padding
+    assert (w[0, :, 4 + 5: 4 + 6] == 0).all() and (w[0, :, 4 + 6 + 4:] == 0).all()  # padded slots
+    assert (w[1, :, 4 + 6 + 1:] == 0).all()  # the empty slot: only its </s> is real
+
+
+def test_the_gate_is_in_0_1_and_step_equals_teacher_forcing():
+    model = tiny()
+    src, src_len, tgt_in, recall = batch()
+    with torch.no_grad():
+        logp, w = model(src, src_len, tgt_in, recall=recall)
+        memory = model.encode(src, src_len, recall=recall)
+        state = memory.state
+        for t in range(tgt_in.size(1)):
+            step_logp, step_w, state, gate = model.step(tgt_in[:, t], state, memory)
+            torch.testing.assert_close(step_logp, logp[:, t], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step_w, w[:, t])
+            assert gate.shape == (2,) and ((gate >= 0) & (gate <= 1)).all()
+
+
+def test_copying_puts_a_piece_only_a_recall_holds_first():
+    """Gate shut (all copy): the piece that fills a recall slot takes the most probability, though the
+    message never holds it."""
+    model = tiny(k=1)
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(-30.0)
+    src, src_len = torch.tensor([[5, 6, 7]]), torch.tensor([3])
+    ids = torch.tensor([[[8, EOS_ID] + [33] * 10]])  # question "8", answer "33" x 10
+    recall = RecallInput(ids, torch.tensor([[12]]), torch.tensor([[0.8]]))
+    with torch.no_grad():
+        logp, w = model(src, src_len, torch.tensor([[BOS_ID]]), recall=recall)
+    assert int(logp[0, 0].argmax()) == 33
+    copy = w[0, 0, 5:].sum()  # the attention on the ten "33"s is the probability of "33"
+    torch.testing.assert_close(logp[0, 0, 33].exp(), copy, atol=1e-4, rtol=1e-4)
+    assert logp[0, 0, EOS_ID].exp() < 1e-6  # the slot's separator is read, never copied
+
+
+def test_beam_one_equals_greedy_and_every_mode_returns_the_gate():
+    model = tiny()
+    src, src_len, _, recall = batch()
+    opts = DecodeOptions(max_len=8)
+    hyps = greedy(model, src, src_len, opts, recall=recall)
+    for i, h in enumerate(hyps):
+        real = 4 + 5 + 4 if i == 0 else 2 + 6 + 1  # message + each slot's real pieces
+        assert h.attention.shape == (len(h.tokens), real) and h.gate.shape == (len(h.tokens),)
+        np.testing.assert_allclose(h.attention.sum(1), 1.0, atol=1e-5)
+        [b1] = beam_search(model, src[i:i + 1, : src_len[i]], src_len[i:i + 1],
+                           DecodeOptions(strategy="beam", beam_size=1, max_len=8), recall=recall.select(i))
+        assert b1.tokens == h.tokens
+        np.testing.assert_allclose(b1.attention, h.attention, atol=1e-5)
+        np.testing.assert_allclose(b1.gate, h.gate, atol=1e-5)
+    for h in sample(model, src, src_len, DecodeOptions(strategy="sample", seed=1, max_len=8), recall=recall):
+        assert h.gate is not None and len(h.gate) == len(h.tokens)
+
+
+def test_a_recall_model_needs_luong_attention_and_its_recalls():
+    with pytest.raises(ValueError, match="recall"):
+        ModelConfig(recall_k=2, attention="additive")
+    src, src_len, tgt_in, _ = batch()
+    with pytest.raises(ValueError, match="pass recall"):
+        tiny()(src, src_len, tgt_in)
+
+
+@pytest.fixture(scope="module")
+def recall_checkpoint(tiny_corpus_csv, tmp_path_factory):
+    return train_tiny(tiny_corpus_csv, tmp_path_factory.mktemp("recall_run"),
+                      **{"model.recall_k": "3", "train.recall_noise": "0.3", "train.select": "chrf",
+                         "train.epochs": "3"})
+
+
+def test_training_saves_the_index_and_serving_recalls_from_it(recall_checkpoint, tmp_path):
+    from chatbot.checkpoint import load_checkpoint, save_checkpoint
+    from chatbot.inference import ChatBot
+    from chatbot.recall import RECALL_FILE
+
+    assert (recall_checkpoint / RECALL_FILE).is_file()
+    bot = ChatBot.from_checkpoint(recall_checkpoint, device="cpu")
+    r = bot.reply("헤어진 지 한 달 됐어")
+    assert [g.name for g in r.groups] == ["메시지", "기억 1", "기억 2", "기억 3"]
+    assert r.groups[0].end == len(bot.read("헤어진 지 한 달 됐어").ids) and r.groups[-1].end == len(r.source_tokens)
+    assert r.groups[1].score >= r.groups[2].score >= r.groups[3].score and r.groups[1].question
+    assert r.attention.shape == (len(r.reply_tokens), len(r.source_tokens))
+    np.testing.assert_allclose(r.attention.sum(1), 1.0, atol=1e-4)
+    assert r.gate.shape == (len(r.reply_tokens),) and ((r.gate >= 0) & (r.gate <= 1)).all()
+    assert all(c.copied is not None and 0 <= c.copied <= 1 for step in r.candidates for c in step)
+    # save -> load: the same replies
+    ck = load_checkpoint(recall_checkpoint)
+    again = save_checkpoint(tmp_path / "again", ck.model, ck.tokenizer, ck.config, meta=ck.meta,
+                            recall=ck.recall_index)
+    bot2 = ChatBot.from_checkpoint(again, device="cpu")
+    for opts in ({}, {"strategy": "beam", "beam_size": 3, "n_best": 2}, {"strategy": "sample", "seed": 3}):
+        assert bot2.reply("헤어진 지 한 달 됐어", **opts).text == bot.reply("헤어진 지 한 달 됐어", **opts).text
+    *_, last = bot.stream("헤어진 지 한 달 됐어")
+    assert last.done and last.reply.text == r.text and last.reply.groups == r.groups
+    (again / RECALL_FILE).unlink()
+    from chatbot.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError):
+        ChatBot.from_checkpoint(again, device="cpu")
+
+
+def test_reply_json_and_the_cli_carry_the_recall_fields(recall_checkpoint):
+    from chatbot import ui
+    from chatbot.inference import ChatBot
+
+    out = ui.reply_json(ChatBot.from_checkpoint(recall_checkpoint, device="cpu"), "헤어진 지 한 달 됐어")
+    assert [g["name"] for g in out["column_groups"]][0] == "메시지" and len(out["recalled"]) == 3
+    assert len(out["gate"]) == len(out["reply_tokens"]) and all("copied" in c for c in out["candidates"][0])
+    p = subprocess.run([sys.executable, "-m", "chatbot", "reply", "--checkpoint", str(recall_checkpoint), "--json"],
+                       input="헤어졌어\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    line = json.loads(p.stdout)
+    assert set(line) >= {"recalled", "gate", "column_groups"} and len(line["attention"][0]) == len(line["source_tokens"])
