@@ -314,9 +314,19 @@ def bench_config(mode: str) -> Config:
     return cfg
 
 
+def bench_recall(path: Path, plan: Plan, device: torch.device, max_len: int) -> dict[str, Any]:
+    """A recall model's reply latency as served (its TF-IDF lookup included), greedy and beam 5."""
+    from .inference import ChatBot
+
+    figures = _reply_figures(ChatBot.from_checkpoint(path, device=device), plan, device, max_len)
+    return {f"{k}_recall": v for k, v in figures.items() if k.startswith(("reply_ms", "reply_len"))}
+
+
 def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads: int = 0,
-              device_name: str = "auto", log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-              ) -> dict[str, Any]:
+              device_name: str = "auto", log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+              recall_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Every figure of one benchmark run. ``recall_checkpoint`` (default: checkpoints/recall where it
+    exists, but for ``smoke``) adds a recall model's reply latency, as a ratio to the pure model's."""
     plan = PLANS[mode]
     set_threads(threads)
     device = pick_device(device_name)
@@ -346,6 +356,12 @@ def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads:
         torch.bfloat16, device, plan.peak_reps, n=256 if device.type == "cpu" else 1024)
     tr = bench_training(cfg, plan, device)
     rep = bench_replies(ck, plan, device, max_len)
+    recall_path = Path(recall_checkpoint) if recall_checkpoint else default_checkpoint().with_name("recall")
+    rec = bench_recall(recall_path, plan, device, max_len) if recall_checkpoint or (
+        mode != "smoke" and recall_path.exists()) else {}
+    if rec:
+        rec.update(recall_checkpoint=str(recall_path),
+                   recall_reply_p50_ratio=rec["reply_ms_p50_greedy_recall"] / rep["reply_ms_p50_greedy"])
     app = bench_app(path, device, max_len)
     ours_tps, naive_tps = tr["ours_tokens"] / tr["ours_s"], tr["naive_tokens"] / tr["naive_s"]
     achieved = tr["ours_flops"] / tr["ours_s"]
@@ -356,6 +372,7 @@ def run_bench(mode: str = "full", checkpoint: str | Path | None = None, threads:
         "reply_ms_p50_beam5": rep["reply_ms_p50_beam5"],
         "reply_ms_p95_greedy": rep["reply_ms_p95_greedy"],
         "reply_ms_p95_beam5": rep["reply_ms_p95_beam5"],
+        **rec,
         "replies_per_s_batched": rep["replies_per_s_batched"],
         "served_int8": rep["served_int8"],
         **{k: v for k, v in rep.items() if k.endswith("_fp32")},
@@ -398,6 +415,11 @@ def table(r: dict[str, Any]) -> str:
                                    f"({r['reply_len_mean_greedy']:.1f} pieces)"),
         ("reply beam 5 p50 / p95", f"{r['reply_ms_p50_beam5']:.1f} / {r['reply_ms_p95_beam5']:.1f} ms "
                                    f"({r['reply_len_mean_beam5']:.1f} pieces)"),
+        *([("recall model greedy p50 / p95", f"{r['reply_ms_p50_greedy_recall']:.1f} / "
+            f"{r['reply_ms_p95_greedy_recall']:.1f} ms ({r['reply_len_mean_greedy_recall']:.1f} pieces; "
+            f"{r['recall_reply_p50_ratio']:.2f}x the pure model, lookup included)"),
+           ("recall model beam 5 p50", f"{r['reply_ms_p50_beam5_recall']:.1f} ms")]
+          if "reply_ms_p50_greedy_recall" in r else []),
         (f"batched greedy ({r['batched_size']})", f"{r['replies_per_s_batched']:,.0f} replies/s"),
         ("replies served as", "int8 dynamic quantization" if r["served_int8"] else "fp32"),
         ("fp32 greedy / beam 5 p50", f"{r['reply_ms_p50_greedy_fp32']:.1f} / {r['reply_ms_p50_beam5_fp32']:.1f} ms"),

@@ -293,6 +293,11 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
            f"without one, a character n-gram classifier (`topic.safetensors`) predicts it from the message"
            + (f" (agrees with the corpus label on {acc.get('val', 0):.1%} of validation questions)"
               if isinstance(acc := meta.get('topic_accuracy'), dict) else "") + "."] if m.num_topics else []),
+        *([f"- Reads the {m.recall_k} training pairs whose questions are most like the message (TF-IDF over "
+           "character 1-3-grams, `recall.safetensors`), each as question </s> answer through the same "
+           "encoder with its rank and score; one softmax over message and recalls, and a copy gate: "
+           "p(y) = g * softmax(W h~)[y] + (1 - g) * (attention on the positions holding y) (See et al., 2017)."]
+          if m.recall_k else []),
         f"- Tokenizer: sentencepiece {config.tokenizer.model_type}, {m.vocab_size} pieces"
         f"{', konlpy Okt morphemes first' if config.tokenizer.morphemes else ''}; NFC normalisation.",
         "- Corpus: ChatbotData (songys/Chatbot_data, MIT licence), split by unique question.",

@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint to time (default: the shipped one if present, else a fresh model)")
+    p.add_argument("--recall-checkpoint", default=None,
+                   help="a recall model to time beside it (default: checkpoints/recall if present)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
@@ -272,7 +274,7 @@ def _topic(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
 def _bench(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     from .bench import run_bench, table
     result = run_bench("smoke" if args.smoke else "quick" if args.quick else "full", args.checkpoint,
-                       args.threads, args.device)
+                       args.threads, args.device, recall_checkpoint=args.recall_checkpoint)
     print(table(result))
     _write_json(result, args.json)
     return 0

@@ -23,9 +23,9 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 
-from .batching import encode_pairs
+from .batching import encode_pairs, with_recall
 from .data import load_corpus, split_corpus
-from .inference import ChatBot
+from .inference import ChatBot, Reply
 from .losses import corpus_cross_entropy
 from .recall import RecallIndex
 
@@ -128,11 +128,11 @@ def chrf_by_answer_seen(answers: Sequence[str], train_answers: set[str],
     return out
 
 
-def reply_texts(bot: ChatBot, questions: Sequence[str], topic_of: Sequence[int | None], batch_size: int = 64,
-                **decoding: Any) -> list[str]:
+def bot_replies(bot: ChatBot, questions: Sequence[str], topic_of: Sequence[int | None], batch_size: int = 64,
+                **decoding: Any) -> list[Reply]:
     """``bot``'s reply to each question, batched (one at a time for beam search); ``topic_of``: the topic
     each question is answered under (None: the bot's own choice)."""
-    replies = [""] * len(questions)
+    replies: list[Reply] = [None] * len(questions)  # type: ignore[list-item]
     step = 1 if decoding.get("strategy") == "beam" else batch_size
     groups: dict[int | None, list[int]] = {}
     for i, topic in enumerate(topic_of):
@@ -141,8 +141,19 @@ def reply_texts(bot: ChatBot, questions: Sequence[str], topic_of: Sequence[int |
         for j in range(0, len(idx), step):
             chunk = idx[j: j + step]
             for i, r in zip(chunk, bot.reply_batch([questions[i] for i in chunk], topic=topic, **decoding)):
-                replies[i] = r.text
+                replies[i] = r
     return replies
+
+
+def recall_figures(replies: Sequence[Reply]) -> dict[str, float]:
+    """How a recall model used its recalls: the mean copy gate over every generated piece (1 = all
+    generated), and the share of replies that spell out, piece by piece, their first recalled answer
+    or any of their recalled answers."""
+    gates = np.concatenate([r.gate for r in replies if r.gate is not None and len(r.gate)] or [np.zeros(0)])
+    recalled = [[g.answer for g in r.groups[1:]] for r in replies]
+    return {"gate_mean": round(float(gates.mean()), 4) if gates.size else None,
+            "reply_is_recall_1": round(float(np.mean([bool(a) and r.text == a[0] for r, a in zip(replies, recalled)])), 4),
+            "reply_is_a_recall": round(float(np.mean([r.text in a for r, a in zip(replies, recalled)])), 4)}
 
 
 def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
@@ -164,15 +175,18 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     questions, answers, labels = list(df["Q"]), list(df["A"]), list(df["label"])
     train_q, train_a = list(splits["train"]["Q"]), list(splits["train"]["A"])
 
-    ce = corpus_cross_entropy(bot.model, encode_pairs(bot.tokenizer, questions, answers, labels,
-                                                      cfg.max_source_len, cfg.max_target_len), bot.device)
+    pairs = encode_pairs(bot.tokenizer, questions, answers, labels, cfg.max_source_len, cfg.max_target_len)
+    if bot.recall_index is not None:  # a recall model reads each question's recalls, as when it replies
+        pairs = with_recall(pairs, *bot.recall_index.search([bot.read(q).text for q in questions],
+                                                            bot.config.model.recall_k))
+    ce = corpus_cross_entropy(bot.model, pairs, bot.device, slots=bot.slots)
     # The topic read: the classifier's (None: ChatBot predicts per question) or each question's corpus label.
     topics_used = None if not bot.reads_topic else (
         "predicted" if topics == "predicted" and bot.topic_classifier is not None else "corpus")
     t0 = time.time()
-    replies = reply_texts(bot, questions, [int(x) for x in labels] if topics_used == "corpus" else [None] * len(df),
-                          batch_size, **decoding)
-    seconds = time.time() - t0
+    full = bot_replies(bot, questions, [int(x) for x in labels] if topics_used == "corpus" else [None] * len(df),
+                       batch_size, **decoding)
+    seconds, replies = time.time() - t0, [r.text for r in full]
     base_replies = RetrievalBaseline(train_q, train_a).reply(questions)
     lengths = [len(bot.read(q).ids) for q in questions]
     figures = lambda hyps: {k: round(v, 4) for k, v in text_metrics(hyps, answers).items()}  # noqa: E731
@@ -197,6 +211,7 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
         # headroom for a recall model: chrF if the best of each question's top-k recalled answers were chosen
         "recall_oracle_chrf": oracle_chrf([[x.answer for x in rs] for rs in RecallIndex(train_q, train_a)
                                            .recall(questions, 5)], answers),
+        **({"recall": recall_figures(full)} if bot.recall_index is not None else {}),
     }
 
 

@@ -393,6 +393,11 @@ def turn_view(turns: Sequence[Turn] | None, index: Any = None, hypothesis: int =
     if reply is None:
         return TurnView(reply_figure(None), [], 1, step_figure(None, 1), "")
     status = f"{len(reply.source_tokens)}개 입력 조각 → {len(reply.reply_tokens)}개 답변 조각"
+    if reply.groups:  # a recall model: the message, its recalls, how much it copied
+        copied = 1.0 - float(np.mean(reply.gate)) if reply.gate is not None and len(reply.gate) else 0.0
+        status = (f"메시지 {len(reply.message_tokens)}조각 + 기억 {len(reply.groups) - 1}개 "
+                  f"({len(reply.source_tokens) - len(reply.message_tokens)}조각) → {len(reply.reply_tokens)}개 답변 조각"
+                  f" · 평균 복사 copied {copied:.0%}")
     if hypothesis:
         status += f" · {hypothesis + 1}번째 후보 hypothesis"
     if reply.attention is None:
@@ -487,4 +492,24 @@ $$\tilde h_t = \tanh\big(W_c [c_t; h_t]\big) \qquad p(y_t \mid y_{<t}, x) = \mat
 
 히트맵의 한 행이 바로 $a_t$ 입니다: $t$번째 답변 조각을 만들 때 입력 조각마다 준 가중치이고, 행의 합은 1입니다.
 (Each heatmap row is $a_t$; it sums to 1.)
+
+### 기억 모델 (recall: read similar training pairs, copy or generate)
+
+**기억 recall** — `recall` 모델은 메시지와 비슷한 학습 질문 $K$개를 글자 n-gram TF-IDF로 찾아, 그 질문과 답변을
+함께 읽습니다 (기억 1 … 기억 $K$, 유사도 점수와 함께). 디코더의 어텐션은 **하나의 softmax** 로
+[메시지 ; 기억 1 ; … ; 기억 $K$] 전체에 걸치므로, 히트맵의 한 행은 여전히 모든 열에 걸쳐 합이 1입니다.
+(The `recall` model also reads the $K$ training pairs whose questions look most like the message, found by
+character n-gram TF-IDF, each with its similarity score. One softmax spans [message ; recall 1 ; … ;
+recall $K$], so a heatmap row still sums to 1 over every column.)
+
+**복사 게이트 copy gate** (See et al., 2017) — 조각마다 게이트 $g_t$ 가 새로 만들지(생성), 어텐션이 가리키는
+조각을 그대로 가져올지(복사) 섞습니다. 히트맵 오른쪽 주황색 띠가 $1 - g_t$, 곧 복사한 몫입니다.
+(At every piece a gate $g_t$ mixes generating from the vocabulary with copying the attended pieces; the
+orange strip beside the heatmap is $1 - g_t$, the copied share.)
+
+$$g_t = \sigma\big(w_g^\top [c_t; h_t; e(y_{t-1})] + b_g\big) \qquad p(y_t) = g_t\, \mathrm{softmax}(W_s \tilde h_t)_{y_t} + (1 - g_t) \sum_{s:\, x_s = y_t} a_t(s)$$
+
+답변은 언제나 디코더가 한 조각씩 만듭니다: 저장된 답을 그대로 돌려주지 않고, 복사도 조각 단위의 선택입니다.
+(The decoder still writes every reply piece by piece: copying is a per-piece choice, never a stored answer
+returned whole.)
 """

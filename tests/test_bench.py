@@ -22,6 +22,18 @@ def test_bench_smoke_prints_a_table_and_a_json_last_line(tmp_path, capsys):
     for key in KEYS:
         assert result[key] > 0 and result[key] == result[key], key  # positive, not NaN
     assert json.loads(out.read_text()) == result
+    assert "reply_ms_p50_greedy_recall" not in result  # no recall model asked for, none timed
+
+
+def test_bench_times_a_recall_model_beside_the_pure_one(tiny_corpus_csv, tmp_path):
+    from chatbot.bench import run_bench, table
+    from conftest import train_tiny
+
+    recall = train_tiny(tiny_corpus_csv, tmp_path / "recall", **{"model.recall_k": "2", "train.epochs": "1"})
+    result = run_bench("smoke", threads=1, log=lambda s: None, recall_checkpoint=recall)
+    assert result["reply_ms_p50_greedy_recall"] > 0 and result["reply_ms_p50_beam5_recall"] > 0
+    assert result["recall_reply_p50_ratio"] == result["reply_ms_p50_greedy_recall"] / result["reply_ms_p50_greedy"]
+    assert "recall model greedy p50" in table(result)
 
 
 def test_synthetic_lengths_and_flop_count():
