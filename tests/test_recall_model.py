@@ -156,3 +156,60 @@ def test_reply_json_and_the_cli_carry_the_recall_fields(recall_checkpoint):
     assert p.returncode == 0, p.stderr
     line = json.loads(p.stdout)
     assert set(line) >= {"recalled", "gate", "column_groups"} and len(line["attention"][0]) == len(line["source_tokens"])
+
+
+def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint):
+    """The UI function: one heatmap over every column, a line before each recall, each group named
+    (a recall by its score and question), and the copy strip (1 - gate) beside it."""
+    from chatbot import ui
+    from chatbot.inference import ChatBot
+
+    r = ChatBot.from_checkpoint(recall_checkpoint, device="cpu").reply("헤어진 지 한 달 됐어")
+    fig = ui.reply_figure(r)
+    heat, strip = fig.data
+    assert len(heat.z[0]) == len(r.source_tokens) and len(heat.z) == len(r.reply_tokens)
+    np.testing.assert_allclose(np.array(heat.z).sum(1), 1.0, atol=2e-3)  # rows still sum to 1
+    np.testing.assert_allclose([row[0] for row in strip.z], 1 - r.gate, atol=1e-3)
+    names = [a.text for a in fig.layout.annotations]
+    assert names[0] == "메시지" and all(n.startswith(f"기억 {k} · {g.score:.2f}") for k, (n, g)
+                                       in enumerate(zip(names[1:], r.groups[1:]), 1))
+    assert [s.x0 for s in fig.layout.shapes] == [g.start - 0.5 for g in r.groups[1:]]
+    status = ui.turn_view([ui.Turn("헤어진 지 한 달 됐어", r)]).status
+    assert f"기억 {len(r.groups) - 1}개" in status and "복사 copied" in status
+    assert ui.step_figure(r, 1).layout.barmode == "stack"  # generated and copied parts of each candidate
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="needs Debian's chromium")
+def test_the_browser_shows_the_recall_groups(recall_checkpoint):
+    """In headless Chromium: the streamed heatmap of a recall model carries the group labels."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from chatbot.demo import build_demo, launch
+    from chatbot.inference import ChatBot
+    from chatbot.loadtest import free_port
+
+    bot = ChatBot.from_checkpoint(recall_checkpoint, device="cpu")
+    demo = build_demo({"recall": bot})
+    _, url, _ = launch(demo, checkpoint_dirs=[recall_checkpoint], server_port=free_port(),
+                       prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.locator("#msg textarea").fill("헤어진 지 한 달 됐어")
+            page.locator("#msg textarea").press("Enter")
+            expected = bot.reply("헤어진 지 한 달 됐어")
+            page.wait_for_function(
+                "n => { const d = document.querySelector('#heatmap .js-plotly-plot');"
+                " return d && d.data && d.data.length && d.data[0].type === 'heatmap' && d.data[0].z.length === n; }",
+                arg=len(expected.reply_tokens), timeout=30_000)
+            labels = page.evaluate("() => Array.from(document.querySelectorAll('#heatmap .annotation-text'))"
+                                   ".map(t => t.textContent)")
+            browser.close()
+    finally:
+        demo.close()
+    assert any(t.startswith("메시지") for t in labels)
+    assert sum(t.startswith("기억") for t in labels) == len(expected.groups) - 1
