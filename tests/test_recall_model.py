@@ -213,3 +213,18 @@ def test_the_browser_shows_the_recall_groups(recall_checkpoint):
         demo.close()
     assert any(t.startswith("메시지") for t in labels)
     assert sum(t.startswith("기억") for t in labels) == len(expected.groups) - 1
+
+
+def test_recall_noise_swaps_a_share_of_the_recalls_deterministically():
+    from chatbot.batching import EncodedPairs
+    from chatbot.train import noisy_recalls
+
+    rows = [[i, i + 1, i + 2] for i in range(1000)]
+    pairs = EncodedPairs([[5]] * 1000, [[6, EOS_ID]] * 1000, [0] * 1000, rows, [[0.9, 0.5, 0.1]] * 1000)
+    noisy = noisy_recalls(pairs, 0.3, num_rows=5000, seed=1)
+    changed = sum(a != b for a, b in zip(noisy.recall_rows, rows))
+    assert 240 < changed < 360  # about 30 % of the questions read random pairs
+    assert noisy.recall_scores == pairs.recall_scores and noisy.src == pairs.src  # scores and questions kept
+    assert all(0 <= r < 5000 for rs in noisy.recall_rows for r in rs)
+    assert noisy_recalls(pairs, 0.3, 5000, seed=1).recall_rows == noisy.recall_rows  # seeded
+    assert noisy_recalls(pairs, 0.0, 5000, seed=1).recall_rows == rows
