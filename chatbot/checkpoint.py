@@ -12,7 +12,7 @@ A checkpoint is a folder::
     manifest.json       SHA-256 and size of every file above, verified at load
 
 Saving is atomic: the folder is written under a temporary name and swapped in, so a crash
-mid-save leaves the previous checkpoint whole.
+mid-save, or several in a row, leave the previous checkpoint whole (see ``_swap_in``).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Config
+from .config import SPECIAL_PIECES, Config
 from .model import Seq2Seq, build_model
 from .text import Tokenizer
 from .recall import RECALL_FILE, RecallIndex
@@ -39,6 +40,11 @@ WEIGHTS, CONFIG, TOKENIZER, METRICS, CARD, MANIFEST = (
     "model.safetensors", "config.json", "tokenizer.model", "metrics.jsonl", "README.md", "manifest.json")
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
 SPACES_FILE_LIMIT = 10_000_000  # bytes; Spaces refuse larger files without Git LFS
+# Model sizes a config.json may ask for, checked before anything is allocated (the shipped models use
+# 256 / 512 / 8000; hidden_dim 1e7 would ask for terabytes).
+SIZE_LIMITS = {"vocab_size": (len(SPECIAL_PIECES), 1_000_000), "emb_dim": (1, 8192), "hidden_dim": (2, 8192),
+               "enc_layers": (1, 16), "dec_layers": (1, 16), "num_topics": (0, 1000), "recall_k": (0, 100)}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger(__name__)
 
 
@@ -114,13 +120,28 @@ def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, conf
         if warn_size and p.stat().st_size > SPACES_FILE_LIMIT:
             log.warning("%s is %.1f MB: Hugging Face Spaces refuse files over 10 MB without Git LFS "
                         "(shrink the model or keep dtype=float16)", path / p.name, p.stat().st_size / 1e6)
+    _swap_in(tmp, path)
+    return path
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the complete folder ``tmp`` in place of ``path``, keeping a whole checkpoint at ``path`` or
+    ``<path>.old`` (where :func:`resolve` looks) at every instant, whatever crashes came before.
+
+    A crash between the two renames leaves only ``.old``: it is moved back first, so the ``.old`` that
+    is deleted next is never the one whole copy. Every rename is atomic; deleting ``.old`` may be cut
+    half-way, but only while a whole ``path`` exists.
+    """
     old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        os.replace(old, path)  # the previous save died between its renames
     shutil.rmtree(old, ignore_errors=True)
+    if old.exists():  # a half-deleted .old must not take path's place below
+        raise CheckpointError(f"cannot remove {old} (left by an earlier save); delete it by hand and save again")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def _fsync_dir(d: Path) -> None:
@@ -130,7 +151,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 def resolve(path: str | Path) -> Path:
-    """The folder to load; falls back to ``<path>.old`` left by a save that crashed mid-swap."""
+    """The folder to load; falls back to ``<path>.old`` left by a save that crashed mid-swap.
+
+    :func:`_swap_in` keeps one of the two whole through any sequence of crashes: ``path`` whenever
+    it exists, else ``.old``."""
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".old").exists():
         return path.with_name(path.name + ".old")
@@ -138,7 +162,12 @@ def resolve(path: str | Path) -> Path:
 
 
 def verify(path: str | Path) -> dict[str, Any]:
-    """Check the folder against its manifest; raise :class:`CheckpointError` naming the bad file."""
+    """Check the folder against its manifest; raise :class:`CheckpointError` naming the bad file.
+
+    The manifest is a JSON object that lists exactly the folder's entries but itself, each by its
+    bare name (no path separator: nothing outside the folder is ever looked at) with
+    ``{"sha256": <64 hex digits>, "bytes": <size>}``; every size, then every hash, must match.
+    """
     path = resolve(path)
     fix = "re-download or re-train it (python -m chatbot train ...), or pass another --checkpoint"
     if not path.is_dir():
@@ -153,17 +182,49 @@ def verify(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{manifest_file} is not valid JSON ({e}); {fix}") from None
+    _check_manifest_shape(manifest, manifest_file, fix)
+    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    unlisted = sorted(present - set(manifest))
+    if unlisted:
+        raise CheckpointError(f"{path} holds {_shown(unlisted)}, which {MANIFEST} does not list (added after the "
+                              f"save?); {fix}")
     for name, entry in manifest.items():
         f = path / name
-        if not f.is_file():
+        if name not in present:
             raise CheckpointError(f"{f} is listed in the manifest but missing; {fix}")
+        if not f.is_file():
+            raise CheckpointError(f"{f} is not a regular file; {fix}")
         size = f.stat().st_size
-        if size != entry.get("bytes"):
-            raise CheckpointError(f"{f} has {size} bytes, the manifest says {entry.get('bytes')} "
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{f} has {size} bytes, the manifest says {entry['bytes']} "
                                   f"(truncated or replaced?); {fix}")
-        if sha256(f) != entry.get("sha256"):
-            raise CheckpointError(f"{f} does not match its SHA-256 in the manifest (corrupt or modified); {fix}")
+    for name, entry in manifest.items():
+        if sha256(path / name) != entry["sha256"]:
+            raise CheckpointError(f"{path / name} does not match its SHA-256 in the manifest (corrupt or modified); "
+                                  f"{fix}")
     return manifest
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``value`` quoted for a one-line message: repr (control characters escaped), cut at ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_manifest_shape(manifest: Any, manifest_file: Path, fix: str) -> None:
+    """A JSON object of bare file names (never manifest.json) to ``{"sha256": hex, "bytes": int}``."""
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_file} is not a JSON object of file names (found {type(manifest).__name__}); "
+                              f"{fix}")
+    for name, entry in manifest.items():
+        if (not name or name in (".", "..", MANIFEST) or any(c in name for c in "/\\\0")
+                or Path(name).name != name):
+            raise CheckpointError(f"{manifest_file} lists {_shown(name)}, which is not the bare name of one of the "
+                                  f"checkpoint's files; {fix}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and _SHA256.fullmatch(entry["sha256"]) and type(entry.get("bytes")) is int and entry["bytes"] >= 0):
+            raise CheckpointError(f"{manifest_file}: the entry of {_shown(name)} is {_shown(entry)}, not "
+                                  f'{{"sha256": <64 hex digits>, "bytes": <size>}}; {fix}')
 
 
 def read_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
@@ -171,7 +232,7 @@ def read_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
     try:
         raw = json.loads(f.read_text(encoding="utf-8"))
         return Config.from_dict(raw["config"]), raw.get("meta", {})
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is not a valid checkpoint config ({e})") from None
 
 
@@ -180,6 +241,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     path = resolve(path)
     verify(path)
     config, meta = read_config(path)
+    _check_sizes(config, path / CONFIG)
     try:
         tokenizer = Tokenizer.from_bytes((path / TOKENIZER).read_bytes(), morphemes=config.tokenizer.morphemes)
     except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad proto
@@ -187,20 +249,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if tokenizer.vocab_size != config.model.vocab_size:
         raise CheckpointError(f"{path / TOKENIZER} has {tokenizer.vocab_size} pieces but {path / CONFIG} "
                               f"says vocab_size={config.model.vocab_size}: the files come from different runs")
+    state = _read_weights(path, config)
     model = build_model(config.model)
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path / WEIGHTS} is not a readable safetensors file ({e})") from None
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _is_alias(expected, k, state)]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
-             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{path / WEIGHTS} does not match the model described by {path / CONFIG}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
     with torch.no_grad():
         for k, v in state.items():
             expected[k].copy_(v.to(expected[k].dtype))
@@ -230,10 +281,53 @@ def _load_recall(path: Path, config: Config) -> RecallIndex | None:
         raise CheckpointError(f"{path / RECALL_FILE} is not a readable recall index ({e})") from None
 
 
+def _check_sizes(config: Config, f: Path) -> None:
+    """Refuse model sizes outside :data:`SIZE_LIMITS` before anything is allocated."""
+    for key, (low, high) in SIZE_LIMITS.items():
+        value = getattr(config.model, key)
+        if type(value) is not int or not low <= value <= high:
+            raise CheckpointError(f"{f}: model.{key} = {_shown(value, 40)} is not a whole number in {low}-{high}; "
+                                  "the file is damaged or was not written by this program")
+
+
+def _read_weights(path: Path, config: Config) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors``, checked against the model ``config`` describes before it is
+    built: the same names and shapes (compared on the meta device, which allocates nothing), floating
+    point and finite."""
+    f = path / WEIGHTS
+    try:
+        state = load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
+    try:
+        with torch.device("meta"):
+            expected = build_model(config.model).state_dict(keep_vars=True)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise CheckpointError(f"{path / CONFIG} describes a model that cannot be built "
+                              f"({type(e).__name__}: {str(e)[:160]})") from None
+    missing = [k for k in expected if k not in state and not _is_alias(expected, k, state)]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{f} does not match the model described by {path / CONFIG}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    not_float = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in state.items() if not v.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{f} holds {', '.join(not_float[:3])} where the model has floating-point weights "
+                              "(checkpoints store fp32 or fp16; int8 quantization happens at load time)")
+    non_finite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise CheckpointError(f"{f} holds non-finite values (NaN or infinity) in {non_finite[:3]}: the weights are "
+                              "damaged, or come from a run whose loss blew up; use an earlier checkpoint")
+    return state
+
+
 def _is_alias(sd: dict[str, torch.Tensor], key: str, state: dict[str, torch.Tensor]) -> bool:
-    """True when ``sd[key]`` shares storage with a tensor that is in ``state`` (tied weights)."""
-    ptr = sd[key].data_ptr()
-    return any(sd[k].data_ptr() == ptr for k in state if k in sd)
+    """True when ``sd[key]`` (a ``state_dict(keep_vars=True)``) is the same parameter as a tensor that is in
+    ``state`` (tied weights)."""
+    return any(sd[k] is sd[key] for k in state if k in sd)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

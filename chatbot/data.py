@@ -8,23 +8,38 @@ changes or drops in ``Corpus.report``.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
+import http.client
 import io
 import os
+import socket
 import sys
 import tempfile
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+try:
+    import fcntl  # marks a download's .part file as in use (POSIX)
+except ImportError:  # pragma: no cover - Windows: stale .part files are removed without the check
+    fcntl = None
 
 import pandas as pd
 
 from .text import normalize
 
 DEFAULT_URL = "https://raw.githubusercontent.com/songys/Chatbot_data/master/ChatbotData.csv"
+DEFAULT_MAX_BYTES = 50_000_000  # the largest body `download` accepts; the real corpus is under 1 MB
+DEFAULT_DEADLINE = 120.0  # seconds a whole download may take (slow servers included)
 LABELS = ("0", "1", "2")
 _SHOWN_LINES = 5  # how many line numbers a report lists per problem
+_EXCERPT = 60  # characters of file or server text an error message may quote
 
 
 class CorpusError(ValueError):
@@ -37,15 +52,27 @@ class Corpus:
     report: dict = field(default_factory=dict)  # counts of what was read, repaired, dropped
 
 
+def _excerpt(text: str, limit: int = _EXCERPT) -> str:
+    """``text`` as a message may quote it: control and other non-printable characters escaped (no
+    terminal escape sequence gets through), cut at ``limit`` characters."""
+    shown = repr(text[:limit])[1:-1]
+    return shown + ("..." if len(text) > limit else "")
+
+
 def _decode(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, start=1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as e:
+            if number == len(lines) and e.end == len(line) and e.reason == "unexpected end of data":
+                raise CorpusError(f"{path}: the file ends in the middle of a UTF-8 character (line {number}): "
+                                  "it was cut short (an interrupted download or copy?); fetch or copy it again"
+                                  ) from None
             raise CorpusError(
                 f"{path}: line {number} is not valid UTF-8 (byte {line[e.start]:#04x} at column "
                 f"{e.start + 1}); re-save the file as UTF-8 (e.g. `iconv -f cp949 -t utf-8`)"
@@ -76,7 +103,7 @@ def _read_rows(text: str, path: Path) -> tuple[list[str], list[list[str]], list[
             blank += 1
         elif len(row) != len(header):
             raise CorpusError(
-                f"{path}: line {start}: expected {len(header)} fields ({','.join(header)}), found "
+                f"{path}: line {start}: expected {len(header)} fields ({_excerpt(','.join(header))}), found "
                 f"{len(row)}; quote fields that contain commas, e.g. \"a, b\""
             )
         else:
@@ -112,7 +139,9 @@ def load_corpus(path: str | Path, *, verbose: bool = True) -> Corpus:
     header, rows, lines, blank = _read_rows(_decode(raw, path), path)
     missing = [c for c in ("Q", "A") if c not in header]
     if missing:
-        raise CorpusError(f"{path}: missing column(s) {missing}; found columns {header}; "
+        shown = repr(header)  # quoted and escaped; cut, since it may be any file's first line
+        raise CorpusError(f"{path}: missing column(s) {missing}; found columns "
+                          f"{shown[:2 * _EXCERPT] + '...' if len(shown) > 2 * _EXCERPT else shown}; "
                           f"expected a header Q,A,label")
     df = pd.DataFrame(rows, columns=header, dtype=str)
     df["line"] = lines
@@ -213,51 +242,203 @@ def split_corpus(pairs: pd.DataFrame, val_fraction: float = 0.05,
 # --------------------------------------------------------------------------- download
 
 def download_corpus(url: str = DEFAULT_URL, out: str | Path = "data/ChatbotData.csv", *,
-                    timeout: float = 60, progress: bool = True) -> Path:
-    """Fetch the corpus to ``out``, atomically.
+                    timeout: float = 60, progress: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
+                    deadline: float = DEFAULT_DEADLINE) -> Path:
+    """Fetch the corpus to ``out``, atomically and within limits.
 
-    The body is streamed into a temporary file next to ``out``, checked with
-    ``load_corpus``, then moved over ``out`` with ``os.replace``: a failed or garbage
-    download raises ``CorpusError`` and leaves any existing ``out`` untouched.
+    The body is streamed in 64 KiB pieces into a ``.part`` file next to ``out``, checked,
+    then moved over ``out`` with ``os.replace``. Refused with ``CorpusError``, leaving any
+    existing ``out`` untouched: a URL that is not http(s) (after redirects too); a body
+    over ``max_bytes``; a download not finished ``deadline`` seconds after it started
+    (``timeout`` bounds each wait for the server); a body shorter than its Content-Length;
+    a file ``load_corpus`` refuses; columns other than those of the current ``out``.
+    Text from the server is quoted only as a short escaped excerpt. ``.part`` files that
+    a killed run left beside ``out`` are removed first.
     """
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as e:  # e.g. an unclosed [IPv6 address
+        raise CorpusError(f"will not download {_excerpt(url)}: not a valid URL ({e})") from None
+    if scheme not in ("http", "https"):
+        raise CorpusError(f"will not download {_excerpt(url)}: only http:// and https:// URLs are allowed")
+    if max_bytes <= 0 or not deadline > 0:
+        raise ValueError(f"need max_bytes > 0 and deadline > 0, got {max_bytes}, {deadline}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(out)
+    kept = f"; {out} left unchanged" if out.exists() else ""
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # held open (and locked) until the move: the file is in use
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            _fetch(url, f, timeout=timeout, max_bytes=max_bytes, deadline=deadline,
+                   progress=progress, name=out.name, kept=kept)
+            f.flush()
+            os.fsync(f.fileno())
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    _copy(response, f, total, progress and total is not None, out.name)
-            except urllib.error.HTTPError as e:
-                raise CorpusError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
-            except urllib.error.URLError as e:
-                raise CorpusError(f"could not download {url}: {e.reason}") from None
-            except (OSError, ValueError) as e:  # timeouts, resets, bad URLs
-                raise CorpusError(f"could not download {url}: {type(e).__name__}: {e}") from None
-        try:
-            load_corpus(tmp, verbose=False)
-        except CorpusError as e:
-            kept = f"; {out} left unchanged" if out.exists() else ""
-            raise CorpusError(f"the file downloaded from {url} is not a usable corpus ({e}){kept}") from None
-        os.replace(tmp, out)
+                load_corpus(tmp, verbose=False)
+            except CorpusError as e:
+                raise CorpusError(f"the file downloaded from {url} is not a usable corpus ({e}){kept}") from None
+            _check_columns(tmp, out, url)
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
 
 
-def _copy(response, f, total: int | None, progress: bool, name: str) -> None:
+def _remove_stale_parts(out: Path) -> None:
+    """Delete the ``.part`` files of downloads to ``out`` that were killed (no process holds their lock)."""
+    for part in out.parent.glob(f".{glob.escape(out.name)}.*.part"):
+        try:
+            with open(part, "rb") as f:
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a running download's
+                part.unlink()
+        except OSError:
+            continue
+
+
+def _columns(path: Path) -> list[str] | None:
+    """The header of a CSV file, or None if it has none that can be read."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return [h.strip() for h in next(csv.reader(f))]
+    except (OSError, UnicodeDecodeError, csv.Error, StopIteration):
+        return None
+
+
+def _check_columns(new: Path, out: Path, url: str) -> None:
+    """Refuse a download whose columns differ from those of the corpus it would replace."""
+    current = _columns(out) if out.is_file() else None
+    if current is None or not {"Q", "A"} <= set(current):
+        return  # nothing usable to compare with
+    columns = _columns(new)
+    if columns != current:
+        shown = repr(columns)
+        raise CorpusError(f"the file downloaded from {url} has columns {shown[:2 * _EXCERPT]}"
+                          f"{'...' if len(shown) > 2 * _EXCERPT else ''}, the current {out} has {current}; "
+                          f"{out} left unchanged (move it away to accept the new layout)")
+
+
+class _Deadline:
+    """Shuts a download's sockets down when ``seconds`` have passed, whatever call is waiting on them
+    (connecting, reading the headers or the body), so a server that drips bytes cannot hold it forever."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv on this socket
+    except OSError:
+        pass
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib for http(s) only (a redirect to file:, ftp: or data: fails), each socket given to ``deadline``."""
+
+    def tracked(connection_class):
+        class Tracked(connection_class):
+            def connect(self):
+                super().connect()
+                deadline.track(self.sock)
+        return Tracked
+
+    class Track:
+        def do_open(self, http_class, req, **kwargs):
+            return super().do_open(tracked(http_class), req, **kwargs)
+
+    class HTTP(Track, urllib.request.HTTPHandler):
+        pass
+
+    class HTTPS(Track, urllib.request.HTTPSHandler):
+        pass
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), HTTP(), HTTPS(), urllib.request.UnknownHandler(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPRedirectHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def _fetch(url: str, f: BinaryIO, *, timeout: float, max_bytes: int, deadline: float, progress: bool,
+           name: str, kept: str) -> None:
+    """Stream the body of ``url`` into ``f``: at most ``max_bytes``, within ``deadline`` seconds, and all
+    of its Content-Length."""
+    end = time.monotonic() + deadline
+    too_slow = CorpusError(f"could not download {url}: not finished within the {deadline:g} s deadline "
+                           f"(--deadline){kept}")
+    with _Deadline(deadline) as watch:
+        try:
+            with _opener(watch).open(url, timeout=min(timeout, deadline)) as response:
+                total = response.length  # None: no (valid) Content-Length, or a chunked body
+                if total is not None and total > max_bytes:
+                    raise CorpusError(f"{url} announces {total:,} bytes, more than {max_bytes:,} bytes "
+                                      f"(--max-bytes){kept}")
+                got = _copy(response, f, total, max_bytes, end, progress and total is not None, name)
+        except CorpusError:
+            raise
+        except urllib.error.HTTPError as e:
+            raise CorpusError(f"could not download {url}: HTTP {e.code} {_excerpt(str(e.reason))}{kept}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            if watch.expired:
+                raise too_slow from None
+            reason = e.reason if isinstance(e, urllib.error.URLError) else f"{type(e).__name__}: {e}"
+            raise CorpusError(f"could not download {url}: {_excerpt(str(reason))}{kept}") from None
+    if watch.expired or time.monotonic() > end:  # the body may look complete when the deadline cut it
+        raise too_slow
+    if got > max_bytes:
+        raise CorpusError(f"{url} sent more than {max_bytes:,} bytes (--max-bytes){kept}")
+    if total is not None and got != total:
+        raise CorpusError(f"the download from {url} was truncated: {got:,} of the {total:,} bytes its "
+                          f"Content-Length announced{kept}")
+
+
+def _copy(response, f: BinaryIO, total: int | None, max_bytes: int, end: float, progress: bool, name: str) -> int:
+    """Bytes copied; stops once past ``max_bytes`` or the ``end`` of the deadline (``time.monotonic``)."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=name, file=sys.stderr)
+    got = 0
     try:
-        while chunk := response.read(1 << 16):
+        while chunk := response.read1(1 << 16):  # whatever has arrived, up to 64 KiB: never more in memory
+            got += len(chunk)
+            if got > max_bytes or time.monotonic() > end:
+                break
             f.write(chunk)
             if bar is not None:
                 bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
+    return got

@@ -131,6 +131,7 @@ def segment_morphemes(text: str) -> list[list[str]]:
 # --------------------------------------------------------------------------- tokenizer
 
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
 class Tokenizer:
@@ -175,8 +176,10 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], cfg: TokenizerConfig, *, num_threads: int = 2) -> "Tokenizer":
         """Train on ``texts`` (normalised here) in memory.
 
-        If the corpus cannot support ``cfg.vocab_size`` pieces, a smaller vocabulary is
-        used and logged; read the size actually used from ``.vocab_size``.
+        The vocabulary is sized to fit the corpus, and the change logged: grown to one piece per
+        character that ``cfg.character_coverage`` must cover when those outnumber ``cfg.vocab_size``
+        (300 rows of ChatbotData hold ~500 distinct characters; the tiny recipe asks for 400),
+        shrunk when the corpus cannot support that many pieces. Read the size used from ``.vocab_size``.
         """
         if cfg.model_type not in ("unigram", "bpe"):
             raise ValueError(f"tokenizer.model_type must be unigram or bpe, got {cfg.model_type!r}")
@@ -187,8 +190,8 @@ class Tokenizer:
         if cfg.morphemes:
             lines = ["".join(_SPACE + _JOIN.join(word) for word in segment_morphemes(t)) for t in lines]
             extra = {"pretokenization_delimiter": _JOIN, "add_dummy_prefix": False}
-        vocab_size = cfg.vocab_size
-        for _ in range(4):
+        vocab_size, why = cfg.vocab_size, []
+        for _ in range(4):  # sentencepiece names the size it needs; at most a grow and a shrink are expected
             buf = io.BytesIO()
             try:
                 spm.SentencePieceTrainer.train(
@@ -202,14 +205,23 @@ class Tokenizer:
                 )
                 break
             except RuntimeError as e:
-                m = _TOO_HIGH.search(str(e))
-                if not m:
+                if m := _TOO_LOW.search(str(e)):
+                    vocab_size = int(m.group(2))
+                    why.append(f"its {vocab_size - len(SPECIAL_PIECES)} distinct characters (character_coverage "
+                               f"{cfg.character_coverage}) and the {len(SPECIAL_PIECES)} special pieces need "
+                               f"{vocab_size}")
+                elif m := _TOO_HIGH.search(str(e)):
+                    vocab_size = int(m.group(2))
+                    why.append(f"the corpus supports at most {vocab_size}")
+                else:
                     raise
-                vocab_size = int(m.group(2))
+        else:
+            raise ValueError(f"sentencepiece found no vocabulary size that fits this corpus ({'; '.join(why)}); "
+                             "set tokenizer.vocab_size or tokenizer.character_coverage")
         tok = cls.from_bytes(buf.getvalue(), morphemes=cfg.morphemes)
         if tok.vocab_size != cfg.vocab_size:
-            log.warning("tokenizer: corpus supports %d pieces, not the %d requested; using %d",
-                        tok.vocab_size, cfg.vocab_size, tok.vocab_size)
+            log.warning("tokenizer: %d pieces, not the %d requested: %s", tok.vocab_size, cfg.vocab_size,
+                        "; ".join(why) or "the corpus supports no more")
         return tok
 
     @classmethod

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -423,6 +423,45 @@ def _load_state(dirpath: Path, optimizer, scheduler, state: dict[str, Any] | Non
                             f"{str(e)[:160]}); start again without --resume, or restore it from a backup") from None
 
 
+class _CtrlC:
+    """Ctrl-C held until the training loop stands on a consistent state.
+
+    Inside :meth:`deferred`, SIGINT only sets ``pending``; the loop calls :meth:`check` between
+    batches and around validation, which raises KeyboardInterrupt there. So the signal never lands
+    between an optimiser update (or an RNG draw for a batch) and the counters that record it: a
+    state saved one update ahead would apply that batch twice on --resume.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    @contextmanager
+    def deferred(self, log: Callable[[str], None]):
+        """SIGINT sets ``pending`` (logged once) instead of raising. Only the main thread may set handlers;
+        a process started with SIGINT ignored keeps ignoring it."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+            yield
+            return
+
+        def hold(signum, frame) -> None:
+            if not self.pending:
+                log("\nCtrl-C: stopping once this step (or validation) is done")
+            self.pending = True
+
+        previous = signal.signal(signal.SIGINT, hold)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def check(self) -> None:
+        """Raise the KeyboardInterrupt a Ctrl-C asked for, here, at a boundary."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 @contextmanager
 def _sigint_ignored():
     """Ignore Ctrl-C while the interrupt handler saves (a second Ctrl-C must not cut the save short).
@@ -652,6 +691,7 @@ class _Run:
     transforms: list[BatchTransform]  # per-batch regularisers, in order
     recall_index: RecallIndex | None = None  # recall models: the training pairs, saved with the checkpoint
     slots: RecallSlots | None = None  # ... each as the model reads it
+    ctrl_c: _CtrlC = field(default_factory=_CtrlC)  # Ctrl-C, held until a batch boundary
 
     def __post_init__(self) -> None:
         train_df, val_df = self.splits["train"], self.splits["val"]
@@ -674,16 +714,22 @@ class _Run:
     def fit(self) -> None:
         """Epochs until train.epochs, train.max_steps or early stopping.
 
-        Ctrl-C saves last/ (a second Ctrl-C is ignored until the save is done) and re-raises.
+        Ctrl-C takes effect between batches, or before or after an epoch's validation, never inside
+        a step (:class:`_CtrlC`); then last/ is saved (a second Ctrl-C is ignored until the save is
+        done) and KeyboardInterrupt re-raised.
         """
         stop = False
         try:
-            while self.progress.epoch < self.cfg.train.epochs and not stop:
-                stats = self.run_epoch()
-                stop = stats.stop
-                if not self.validate(stats):
-                    break
-                self.model.train()
+            with self.ctrl_c.deferred(self.log):
+                while self.progress.epoch < self.cfg.train.epochs and not stop:
+                    stats = self.run_epoch()
+                    stop = stats.stop
+                    self.ctrl_c.check()
+                    if not self.validate(stats):
+                        break
+                    self.ctrl_c.check()
+                    self.model.train()
+                self.ctrl_c.check()
         except KeyboardInterrupt:
             last = self.out / "last"
             self.log(f"\ninterrupted at step {self.progress.step}: saving {last} (Ctrl-C again is ignored until done)")
@@ -713,6 +759,7 @@ class _Run:
                    dynamic_ncols=True, disable=None if self.ddp.main else True, file=sys.stderr)
         stats = _EpochStats(started=time.time())
         while p.batch < len(order):
+            self.ctrl_c.check()  # the one place a Ctrl-C stops the batch loop: after the last step's counters
             t_step = time.time()
             loss_val, n_tok = self.step(self.batch(pairs, order[p.batch]))
             self.scheduler.step()

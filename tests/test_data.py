@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -179,3 +181,240 @@ def test_download_failure_keeps_existing(server, tmp_path, path, match):
 def test_download_unreachable(tmp_path):
     with pytest.raises(CorpusError, match="could not download http://127.0.0.1:9/x"):
         download_corpus("http://127.0.0.1:9/x", tmp_path / "c.csv", timeout=5, progress=False)
+
+
+# ------------------------------------------------------------------ download under attack (reliability round two)
+
+Route = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+@pytest.fixture()
+def routes(monkeypatch):
+    """A local server whose answers the test writes: ``routes[path] = write(handler)`` writes the raw response
+    (status line, headers, body) to ``handler.wfile``. Yields (base URL, routes)."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    table: dict[str, Route] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            write = table.get(self.path)
+            if write is None:
+                self.send_error(404)
+                return
+            try:
+                write(self)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up: what some tests want
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", table
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def body_of(data: bytes, length: int | None = None, *, status: int = 200, reason: str | None = None) -> Route:
+    """An answer with ``data`` as its body; Content-Length ``length`` (default: the true one; -1: none)."""
+    def write(h):
+        h.send_response(status, reason)
+        if length != -1:
+            h.send_header("Content-Length", str(len(data) if length is None else length))
+        h.end_headers()
+        h.wfile.write(data)
+    return write
+
+
+CURRENT = "Q,A,label\n기존,파일,0\n"
+
+
+def existing(tmp_path: Path) -> Path:
+    return _write(tmp_path, CURRENT, "ChatbotData.csv")
+
+
+def untouched(out: Path) -> None:
+    assert out.read_text(encoding="utf-8") == CURRENT
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no .part left behind
+
+
+def test_download_shorter_than_its_content_length_is_refused(routes, tmp_path, tiny_corpus_csv):
+    """The body stops at a row boundary half-way: a valid CSV, but not what the server announced."""
+    base, table = routes
+    full = tiny_corpus_csv.read_bytes()
+    half = full[: full.index(b"\n", len(full) // 2) + 1]
+    table["/short.csv"] = body_of(half, len(full))
+    out = existing(tmp_path)
+    with pytest.raises(CorpusError, match=rf"truncated.*{len(half):,} of the {len(full):,} bytes.*left unchanged"):
+        download_corpus(f"{base}/short.csv", out, progress=False)
+    untouched(out)
+
+
+def test_download_with_a_chunked_body_cut_short_is_refused(routes, tmp_path, tiny_corpus_csv):
+    base, table = routes
+    data = tiny_corpus_csv.read_bytes()[:2000]
+
+    def chunked_then_gone(h):
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))  # no terminating 0-chunk: the connection just ends
+
+    table["/cut.csv"] = chunked_then_gone
+    out = existing(tmp_path)
+    with pytest.raises(CorpusError, match="could not download"):
+        download_corpus(f"{base}/cut.csv", out, progress=False)
+    untouched(out)
+
+
+def test_download_with_other_columns_than_the_current_file_is_refused(routes, tmp_path):
+    base, table = routes
+    table["/two.csv"] = body_of("Q,A\n안녕,반가워요\n".encode())  # a usable corpus, but the label column is gone
+    out = existing(tmp_path)
+    with pytest.raises(CorpusError, match=r"columns \['Q', 'A'\].*\['Q', 'A', 'label'\]"):
+        download_corpus(f"{base}/two.csv", out, progress=False)
+    untouched(out)
+    fresh = tmp_path / "fresh" / "c.csv"  # with no current file there is nothing to compare with
+    assert download_corpus(f"{base}/two.csv", fresh, progress=False) == fresh
+
+
+def big_csv(total: int) -> Route:
+    """A valid corpus of ``total`` bytes sent in 64 KiB pieces without a Content-Length (the same block again
+    and again: the server allocates nothing per piece)."""
+    block = "".join(f"질문 {i},대답 {i},0\n" for i in range(4000)).encode()[: 1 << 16]
+    block = block[: block.rindex(b"\n") + 1]
+
+    def write(h):
+        h.send_response(200)
+        h.end_headers()
+        h.wfile.write(b"Q,A,label\n")
+        for _ in range(total // len(block)):
+            h.wfile.write(block)
+    return write
+
+
+def test_download_over_max_bytes_is_refused_in_bounded_memory(routes, tmp_path):
+    import tracemalloc
+
+    base, table = routes
+    table["/big.csv"] = big_csv(12_000_000)
+    table["/announced.csv"] = body_of(b"Q,A,label\n" + b"x" * 10, 3_000_000_000)  # says 3 GB: refused at once
+    out = existing(tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorpusError, match=r"more than 4,000,000 bytes \(--max-bytes\)"):
+            download_corpus(f"{base}/big.csv", out, progress=False, max_bytes=4_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, f"peak {peak:,} bytes: the body must be streamed, not held"
+    untouched(out)
+    with pytest.raises(CorpusError, match=r"3,000,000,000 bytes.*--max-bytes"):
+        download_corpus(f"{base}/announced.csv", out, progress=False, max_bytes=4_000_000)
+    untouched(out)
+
+
+def drip(head: bytes, body: bytes, every: float) -> Route:
+    """Send ``head`` at once, then ``body`` one byte every ``every`` seconds."""
+    def write(h):
+        h.wfile.write(head)
+        h.wfile.flush()
+        for byte in body:
+            time.sleep(every)
+            h.wfile.write(bytes([byte]))
+            h.wfile.flush()
+    return write
+
+
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_a_dripping_server_is_cut_off_at_the_deadline(routes, tmp_path, where):
+    base, table = routes
+    head = b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n"
+    table["/drip"] = (drip(head, b"Q,A,label\n" * 100, 0.2) if where == "body"
+                      else drip(b"HTTP/1.0 200 OK\r\n", b"X-Slow: " + b"a" * 200 + b"\r\n\r\n", 0.2))
+    out = existing(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(CorpusError, match=r"not finished within the 1\.5 s deadline \(--deadline\)"):
+        download_corpus(f"{base}/drip", out, progress=False, timeout=30, deadline=1.5)
+    assert time.monotonic() - t0 < 5
+    untouched(out)
+
+
+def test_stale_part_files_from_a_killed_run_are_removed(routes, tmp_path, tiny_corpus_csv):
+    import fcntl
+
+    base, table = routes
+    table["/good.csv"] = body_of(tiny_corpus_csv.read_bytes())
+    out = existing(tmp_path)
+    stale = _write(tmp_path, "Q,A,label\n반쯤,받", f".{out.name}.k1ll3d.part")  # what kill -9 leaves
+    running = _write(tmp_path, "Q,A,label\n", f".{out.name}.runn1ng.part")  # another download, still going
+    other = _write(tmp_path, "x", ".other.csv.abc.part")  # not ours
+    with open(running, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        download_corpus(f"{base}/good.csv", out, progress=False)
+    assert out.read_bytes() == tiny_corpus_csv.read_bytes()
+    assert not stale.exists() and running.exists() and other.exists()
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.csv", "/etc/passwd", "data:,Q%2CA"])
+def test_only_http_urls_are_fetched(tmp_path, url):
+    out = existing(tmp_path)
+    with pytest.raises(CorpusError, match="only http:// and https:// URLs") as e:
+        download_corpus(url, out, progress=False)
+    assert "root:" not in str(e.value)
+    untouched(out)
+
+
+def test_a_redirect_to_a_local_file_is_refused(routes, tmp_path):
+    base, table = routes
+
+    def to_file(h):
+        h.send_response(302)
+        h.send_header("Location", "file:///etc/passwd")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    table["/redirect"] = to_file
+    out = existing(tmp_path)
+    with pytest.raises(CorpusError) as e:
+        download_corpus(f"{base}/redirect", out, progress=False)
+    assert "root:" not in str(e.value)
+    untouched(out)
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J" + "secret-" * 200
+
+
+@pytest.mark.parametrize("answer", ["body", "reason"])
+def test_fetched_text_is_quoted_only_as_a_short_escaped_excerpt(routes, tmp_path, answer):
+    base, table = routes
+    table["/hostile"] = (body_of(f"{HOSTILE},{HOSTILE}\nx,y\n".encode()) if answer == "body"
+                         else body_of(b"", status=500, reason=HOSTILE))
+    out = existing(tmp_path)
+    with pytest.raises(CorpusError) as e:
+        download_corpus(f"{base}/hostile", out, progress=False)
+    msg = str(e.value)
+    assert "\x1b" not in msg and "\x07" not in msg and "\\x1b" in msg  # shown, escaped
+    assert msg.count("secret-") < 20, msg
+    untouched(out)
+
+
+def test_a_file_cut_mid_character_is_called_truncated(tmp_path):
+    raw = "Q,A,label\n안녕,반가워요,0\n".encode()
+    with pytest.raises(CorpusError, match="ends in the middle of a UTF-8 character.*cut short") as e:
+        load_corpus(_write(tmp_path, raw[:-4]))  # cut after the first two of the three bytes of the last "요"
+    assert "iconv" not in str(e.value) and "cp949" not in str(e.value)
+
+
+def test_a_download_cut_mid_character_without_a_length_is_called_truncated(routes, tmp_path):
+    base, table = routes
+    table["/cut"] = body_of("Q,A,label\n안녕,반가워요,0\n배고파,밥".encode()[:-1], -1)  # close-delimited
+    out = existing(tmp_path)
+    with pytest.raises(CorpusError, match="ends in the middle of a UTF-8 character") as e:
+        download_corpus(f"{base}/cut", out, progress=False)
+    assert "iconv" not in str(e.value)
+    untouched(out)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from chatbot.checkpoint import MANIFEST, load_checkpoint, read_metrics, sha256
 from chatbot.config import load_config
@@ -143,3 +144,105 @@ def test_damaged_train_state_through_the_cli(resumable, tmp_path, tiny_corpus_cs
     assert p.returncode == 1 and "Traceback" not in p.stderr
     last_line = p.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and str(run / "last" / TRAIN_STATE) in last_line
+
+
+# ------------------------------------------------------------------ Ctrl-C at any instant of a step (round two)
+
+EXACT = {"train.epochs": "3", "model.dropout": "0.3", "train.patience": "10", "train.word_dropout": "0.2",
+         "train.subword_alpha": "0.1", "train.max_steps": "14"}
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_corpus_csv, tmp_path_factory):
+    """The weights of 14 uninterrupted steps (word dropout and sampled segmentations: the RNG matters)."""
+    out = tmp_path_factory.mktemp("straight")
+    train_tiny(tiny_corpus_csv, out, **EXACT)
+    return load_file(out / "last" / "model.safetensors")
+
+
+def ctrl_c(monkeypatch, point: str, step: int) -> list[int]:
+    """Send this process SIGINT at ``point`` of optimiser step ``step`` (1-based); returns a list that gets the
+    step once the signal is sent."""
+    import chatbot.train as tr
+
+    sent: list[int] = []
+    steps = {"n": 0}
+
+    def fire(now: int) -> None:
+        if now == step and not sent:
+            sent.append(now)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if point == "batch":  # the batch is built and its word dropout drawn from the RNG; no gradient yet
+        real_drop = tr.drop_words
+
+        def drop_words(src, p):
+            out = real_drop(src, p)
+            steps["n"] += 1
+            fire(steps["n"])
+            return out
+        monkeypatch.setattr(tr, "drop_words", drop_words)
+    elif point in ("before update", "after update"):  # gradients computed; the weights not yet / just changed
+        real_make = tr.make_optimizer
+
+        def make_optimizer(*args, **kwargs):
+            optimizer = real_make(*args, **kwargs)
+
+            def hook(*_):
+                if point == "after update":
+                    steps["n"] += 1
+                fire(steps["n"] if point == "after update" else steps["n"] + 1)
+            (optimizer.register_step_post_hook if point == "after update" else optimizer.register_step_pre_hook)(hook)
+            if point == "before update":
+                optimizer.register_step_post_hook(lambda *_: steps.__setitem__("n", steps["n"] + 1))
+            return optimizer
+        monkeypatch.setattr(tr, "make_optimizer", make_optimizer)
+    elif point == "scheduler":  # the update is done, the learning rate moves on; the counters not yet
+        real_lambda = tr.lr_lambda
+
+        def lr_lambda(*args):
+            f = real_lambda(*args)
+
+            def g(s: int) -> float:
+                fire(s)
+                return f(s)
+            return g
+        monkeypatch.setattr(tr, "lr_lambda", lr_lambda)
+    elif point == "bookkeeping":  # the counters have moved on, the epoch statistics not yet
+        real_add = tr._EpochStats.add
+
+        def add(self, loss, tokens):
+            steps["n"] += 1
+            fire(steps["n"])
+            return real_add(self, loss, tokens)
+        monkeypatch.setattr(tr._EpochStats, "add", add)
+    else:  # "validation": the epoch's batches are done, its validation loss is being computed
+        real_loss = tr.corpus_cross_entropy
+
+        def corpus_cross_entropy(*args, **kwargs):
+            fire(step)
+            return real_loss(*args, **kwargs)
+        monkeypatch.setattr(tr, "corpus_cross_entropy", corpus_cross_entropy)
+    return sent
+
+
+@pytest.mark.parametrize("point, step", [("batch", 3), ("before update", 5), ("after update", 6), ("scheduler", 8),
+                                         ("bookkeeping", 9), ("validation", 0)])
+def test_ctrl_c_at_any_point_of_a_step_resumes_exactly(tiny_corpus_csv, tmp_path, monkeypatch, straight, point, step):
+    """Wherever in a step Ctrl-C lands, last/ holds one consistent state (the optimiser has made exactly the
+    updates the progress counts), and --resume ends with the weights of the uninterrupted run."""
+    cfg = lambda: load_config(ROOT / "configs" / "tiny.yaml", {  # noqa: E731
+        "data.path": str(tiny_corpus_csv), "train.out_dir": str(tmp_path), **EXACT})
+    sent = ctrl_c(monkeypatch, point, step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(), log=lambda s: None)
+    assert sent, f"the signal was never sent at {point}"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "last" / TRAIN_STATE, weights_only=True)
+    updates = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert updates == {json.loads(state["progress"])["step"]}, point  # one count for weights and progress
+    train(cfg(), resume=True, log=lambda s: None)
+    resumed = load_file(tmp_path / "last" / "model.safetensors")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=f"{point}: {k}")

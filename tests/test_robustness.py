@@ -90,3 +90,45 @@ def test_ten_thousand_characters_are_handled_in_bounded_time(tiny_bot):
     r = tiny_bot.reply("가나다라마바사 " * 1500)
     assert time.perf_counter() - t0 < 2.0
     assert r.truncated and len(r.source_tokens) <= tiny_bot.max_source_len
+
+
+def many_characters_corpus(path, rows: int = 300, chars: int = 500):
+    """A corpus using ``chars`` distinct Hangul syllables, more than the tiny recipe's 400 pieces."""
+    import csv
+    import random
+
+    syllables = [chr(0xAC00 + 7 * i) for i in range(chars)]
+    rng = random.Random(0)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Q", "A", "label"])
+        for i in range(rows):
+            pick = syllables[(i * 5) % chars: (i * 5) % chars + 5] + rng.sample(syllables, 3)
+            w.writerow(["".join(pick[:4]) + " " + "".join(pick[4:]), "".join(rng.sample(syllables, 6)), i % 3])
+    return path
+
+
+def test_the_tokenizer_grows_its_vocabulary_to_the_characters_it_must_cover(caplog):
+    from chatbot.config import TokenizerConfig
+    from chatbot.text import Tokenizer
+
+    syllables = [chr(0xAC00 + 7 * i) for i in range(500)]
+    texts = ["".join(syllables[i: i + 8]) + " " + "".join(syllables[i + 8: i + 12]) for i in range(0, 500, 4)]
+    for model_type in ("unigram", "bpe"):
+        with caplog.at_level("WARNING", logger="chatbot.text"):
+            tok = Tokenizer.train(texts, TokenizerConfig(model_type=model_type, vocab_size=400))
+        assert tok.vocab_size >= 504  # 500 characters and the four special pieces
+        assert all(1 not in tok.encode(t) for t in texts)  # every character has a piece: no <unk>
+        # 501: the syllables and sentencepiece's word-boundary mark "▁"
+        assert "not the 400 requested: its 501 distinct characters" in caplog.text, caplog.text
+        caplog.clear()
+
+
+def test_the_tiny_recipe_trains_on_a_corpus_with_more_characters_than_its_vocabulary(tmp_path):
+    from conftest import train_tiny
+    from chatbot.checkpoint import load_checkpoint
+
+    corpus = many_characters_corpus(tmp_path / "wide.csv")
+    best = train_tiny(corpus, tmp_path / "run", **{"train.epochs": "1", "train.max_steps": "2"})
+    ck = load_checkpoint(best)
+    assert ck.tokenizer.vocab_size == ck.config.model.vocab_size > 400
