@@ -1,4 +1,4 @@
-"""Command line: ``python -m chatbot {download,train,topic,reply,evaluate,bench,loadtest} ...`` (``--help`` on each)."""
+"""Command line: ``python -m chatbot {download,train,topic,reply,evaluate,bench,loadtest,publish} ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ HELP = """Korean attention seq2seq chatbot.
   python -m chatbot evaluate --data data/ChatbotData.csv
   python -m chatbot bench --quick                  speed beside the naive tutorial seq2seq (docs/performance.md)
   python -m chatbot loadtest                       1 / 4 / 16 concurrent API users on 127.0.0.1 (docs/reliability.md)
+  python -m chatbot publish --space USER/NAME      upload the demo to a Hugging Face Space (--dry-run: list only)
 """
 
 
@@ -112,14 +113,28 @@ def _overrides(extra: list[str]) -> dict[str, str]:
     return out
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite number above 0 of ``kind``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} above 0, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m chatbot", description=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("download", help="download the public ChatbotData corpus")
-    p.add_argument("--url", default=None, help="corpus URL (default: the songys/Chatbot_data raw CSV)")
-    p.add_argument("--out", default=None, help="where to write it (default: $CHATBOT_DATA or data/ChatbotData.csv)")
+    _download_parser(sub)
 
     p = sub.add_parser("train", help="train a model from a YAML recipe",
                        description="Train from a recipe; override any key with --section.key value, "
@@ -189,7 +204,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="concurrency limit (default: the demo's)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take (default 60)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
+    _publish_parser(sub)  # its own function: build_parser is long enough
     return parser
+
+
+def _download_parser(sub: Any) -> None:
+    p = sub.add_parser("download", help="download the public ChatbotData corpus")
+    p.add_argument("--url", default=None, help="corpus URL (default: the songys/Chatbot_data raw CSV)")
+    p.add_argument("--out", default=None, help="where to write it (default: $CHATBOT_DATA or data/ChatbotData.csv)")
+    p.add_argument("--max-bytes", type=_positive(int), default=50_000_000, metavar="N",
+                   help="refuse a body larger than this (default 50000000; the corpus is under 1 MB)")
+    p.add_argument("--deadline", type=_positive(float), default=120.0, metavar="SECONDS",
+                   help="give up when the whole download takes longer (default 120)")
+
+
+def _publish_parser(sub: Any) -> None:
+    p = sub.add_parser("publish", help="upload the demo to a Hugging Face Space",
+                       description="Create the Space (Gradio SDK) if it is missing and commit what it serves: app.py, "
+                                   "chatbot/, the shipped checkpoints/, requirements.txt, README.md (its front matter "
+                                   "configures the Space), docs/chrf_by_length.png and, when a checkpoint needs Java, "
+                                   "packages.txt; other files on the Space are deleted (.gitattributes aside). Binary "
+                                   "files go through the Hub's upload API (Xet or LFS), not git. The token is the "
+                                   "usual huggingface_hub login (`hf auth login`) or HF_TOKEN.")
+    p.add_argument("--space", required=True, metavar="USER/NAME", help="the Space, e.g. someone/korean-chatbot")
+    p.add_argument("--private", action="store_true",
+                   help="create the Space private (an existing Space keeps its visibility)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the front matter and every file with its size; touch no network")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
 def _download(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     from .config import default_data_path
     from .data import DEFAULT_URL, download_corpus
-    path = download_corpus(args.url or DEFAULT_URL, args.out or default_data_path())
+    path = download_corpus(args.url or DEFAULT_URL, args.out or default_data_path(), max_bytes=args.max_bytes,
+                           deadline=args.deadline)
     print(path)
     return 0
 
@@ -292,6 +334,23 @@ def _loadtest(args: argparse.Namespace, extra: list[str], argv: list[str]) -> in
     return 0
 
 
+def _publish(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from .publish import ROOT, PublishError, check_space_id, describe, front_matter, publish, space_files
+    try:
+        check_space_id(args.space)
+        files, meta = space_files(ROOT), front_matter(ROOT / "README.md")
+        if args.dry_run:
+            print(describe(args.space, files, meta, args.private))
+            print("dry run: nothing was sent")
+            return 0
+        url = publish(args.space, files, args.private)
+    except PublishError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"published {len(files)} files to Space {args.space}: {url}")
+    return 0
+
+
 def _write_json(result: dict[str, Any], path: str | None) -> None:
     """Write ``result`` to ``path`` when given, then print it as the last line (what scripts read)."""
     if path:
@@ -341,4 +400,4 @@ def _reply(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str], list[str]], int]] = {
     "download": _download, "train": _train, "topic": _topic, "reply": _reply, "evaluate": _evaluate,
-    "bench": _bench, "loadtest": _loadtest}
+    "bench": _bench, "loadtest": _loadtest, "publish": _publish}

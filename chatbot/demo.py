@@ -104,6 +104,7 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                                  info=ui.TOPIC_HELP, visible=bots[names[0]].reads_topic, elem_id="topic")
                 chat = gr.Chatbot(label="대화 chat", height=440, render_markdown=False, sanitize_html=True,
                                   feedback_options=None, elem_id="chat", buttons=["copy"],
+                                  group_consecutive_messages=False,  # a prompt never joins the reply above it
                                   placeholder="무엇이든 한국어로 말을 걸어 보세요. (Say something in Korean.)")
                 with gr.Row():
                     msg = gr.Textbox(show_label=False, placeholder="메시지를 입력하고 Enter (type and press Enter)",
@@ -122,13 +123,16 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                     api_out = gr.JSON(label="reply JSON")
             with gr.Column(scale=6):
                 heatmap = gr.Plot(ui.reply_figure(None), label="어텐션 히트맵 attention heatmap", elem_id="heatmap")
-                status = gr.Markdown("")
-                turn_pick = gr.Dropdown([], value=None, label="이전 대화 보기 earlier turns", interactive=True)
+                status = gr.Markdown("", elem_id="status")
+                turn_pick = gr.Dropdown([], value=None, label="이전 대화 보기 earlier turns", interactive=True,
+                                        elem_id="turn-pick")
                 nbest = gr.Dataframe(headers=ui.NBEST_HEADERS, value=[], interactive=False, wrap=True,
                                      elem_id="nbest", label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row)")
-                step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector")
+                step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector", visible=False,
+                                 elem_id="step")  # shown once a reply has pieces to step through
                 step_plot = gr.Plot(ui.step_figure(None, 1), label="후보 확률과 어텐션 candidates & attention",
                                     elem_id="step-plot")
+                gr.Markdown(ui.PIECES_LEGEND, elem_id="pieces-legend")
     return ChatTab(model, topic, chat, msg, send, stop, clear, pending, controls, api_msg, api_btn, api_out,
                    heatmap, status, turn_pick, nbest, step, step_plot)
 
@@ -199,13 +203,19 @@ class Callbacks:
     def pick(self, name: str | None) -> ChatBot:
         return self.bots.get(name or "", self.bots[self.default])
 
+    def label(self, name: str | None) -> str | None:
+        """The name a reply is labelled with: the picked model's, when there is a choice of models."""
+        return (name if name in self.bots else self.default) if len(self.bots) > 1 else None
+
     def chat(self, message: str, history: list, session_turns: list, model: str, strategy: str, beam_size: float,
              temperature: float, top_k: float, top_p: float, max_len: float, no_repeat_ngram: float,
              length_penalty: float, repetition_penalty: float, topic: str = ui.TOPIC_AUTO):
         decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
                                       length_penalty, repetition_penalty)
         bot = self.pick(model)
-        yield from ui.chat_stream(bot, message, history, session_turns, ui.topic_id(topic, bot), **decoding)
+        for chat, heatmap, turns in ui.chat_stream(bot, message, history, session_turns, ui.topic_id(topic, bot),
+                                                   self.label(model), **decoding):
+            yield chat, gr.skip() if heatmap is None else heatmap, turns  # skip: the browser keeps the last heatmap
 
     def reply(self, message: str, model: str, strategy: str, beam_size: float, temperature: float, top_k: float,
               top_p: float, max_len: float, no_repeat_ngram: float, length_penalty: float,
@@ -223,19 +233,25 @@ class Callbacks:
 
 
 def _stash(message: str):
-    return "", message, gr.Button(visible=False), gr.Button(visible=True)
+    """Take the message out of the box; the status line of the previous turn goes until this one is done."""
+    return "", message, gr.Button(visible=False), gr.Button(visible=True), ""
 
 
-def _view(session_turns: list, index: Any = None, hyp: int = 0):
+def _view(session_turns: list, index: Any = None, hyp: int = 0, heatmap: bool = True):
+    """The turn's (heatmap, n-best, step slider, step figure, status); ``heatmap=False`` leaves the
+    heatmap as it is (gr.skip)."""
     v = ui.turn_view(session_turns, index, hyp)
-    steps = gr.Slider(1, max(2, v.steps), value=v.steps, step=1)  # gradio needs min < max
-    return v.heatmap, v.nbest, steps, v.step, v.status
+    # gradio needs min < max: a reply of one piece has nothing to step through, and none no slider at all
+    steps = gr.Slider(1, max(2, v.steps), value=max(1, v.steps), step=1, visible=v.steps > 1)
+    return v.heatmap if heatmap else gr.skip(), v.nbest, steps, v.step, v.status
 
 
 def _after(session_turns: list):
+    """After a streamed reply: the turn picker, n-best table, step inspector and status of the new turn.
+    The heatmap is left alone: the stream's last yield drew the same one."""
     n = len(session_turns or [])
     return (gr.Dropdown(choices=ui.turn_choices(session_turns), value=n - 1 if n else None), 0,
-            *_view(session_turns), gr.Button(visible=True), gr.Button(visible=False))
+            *_view(session_turns, heatmap=False), gr.Button(visible=True), gr.Button(visible=False))
 
 
 def _select_turn(session_turns: list, index: Any):
@@ -258,13 +274,15 @@ def _clear():
 def _wire(cb: Callbacks, c: ChatTab, cmp: CompareTab, turns: gr.State, hypothesis: gr.State) -> None:
     """Every event: the public /chat, /reply and /compare, and the private ones the page uses."""
     view_outputs = [c.heatmap, c.nbest, c.step, c.step_plot, c.status]
-    stashed = gr.on([c.msg.submit, c.send.click], _stash, inputs=[c.msg], outputs=[c.msg, c.pending, c.send, c.stop],
-                    api_name="stash", api_visibility="private", queue=False)
+    stashed = gr.on([c.msg.submit, c.send.click], _stash, inputs=[c.msg],
+                    outputs=[c.msg, c.pending, c.send, c.stop, c.status], api_name="stash", api_visibility="private",
+                    queue=False)
     streaming = stashed.then(cb.chat, inputs=[c.pending, c.chat, turns, c.model, *c.controls, c.topic],
                              outputs=[c.chat, c.heatmap, turns], api_name="chat",
                              show_progress="minimal")  # a full overlay would hide the growing heatmap
     streaming.then(_after, inputs=[turns], outputs=[c.turn_pick, hypothesis, *view_outputs, c.send, c.stop],
-                   api_name="after_turn", api_visibility="private")
+                   api_name="after_turn", api_visibility="private",
+                   show_progress="hidden")  # no overlay over the heatmap the stream just finished
     c.stop.click(lambda: (gr.Button(visible=True), gr.Button(visible=False)), outputs=[c.send, c.stop],
                  cancels=[streaming], api_name="stop", api_visibility="private", queue=False)
     c.clear.click(_clear, outputs=[c.chat, turns, hypothesis, *view_outputs, c.turn_pick, c.msg],

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import html
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -33,6 +34,11 @@ TOPIC_AUTO = "auto"  # the topic radio's value for "predict it from the message"
 TOPIC_HELP = ("이 모델은 질문과 함께 주제(말뭉치의 label)를 읽어요. 자동이면 메시지에서 예측합니다. "
               "같은 메시지를 주제만 바꿔 보내 보세요. (This model reads a topic; auto predicts it.)")
 EMPTY_REPLY = Reply(EMPTY_PROMPT, [], [], None, generated=False)  # what ChatBot.reply gives for "", without the call
+THINKING_NOTE = "생각하는 중… (thinking)"
+PIECES_LEGEND = "`·` = 띄어쓰기 (space) · `</s>` = 답변 끝 (end of reply)"  # under the step inspector
+MODEL_LABEL = "<small>— {}</small>"  # an assistant turn's last line: the model that answered
+FIGURE_INTERVAL = 0.25  # seconds between two heatmaps of a streaming reply; its text goes every piece
+FIGURE_SHARE = 4.0  # ... and at least this many times as long as the last heatmap took to build
 
 
 @dataclass
@@ -41,6 +47,7 @@ class Turn:
 
     message: str
     reply: Reply
+    model: str = ""  # the loaded model that answered (its name in the demo's picker)
 
 
 # ---------------------------------------------------------------- inputs
@@ -75,6 +82,12 @@ def normalize_history(history: Sequence[Any] | None) -> list[dict[str, str]]:
     return out
 
 
+def labelled(text: str, model: str | None) -> str:
+    """An assistant turn's content: ``text``, then, when several models are loaded, a small line naming
+    the one that answered (in the same part: each part of a message would be a bubble of its own)."""
+    return f"{text}\n{MODEL_LABEL.format(literal(model))}" if model else text
+
+
 def clean_message(message: Any) -> str:
     """The message as text, at most MAX_INPUT_CHARS characters (API clients bypass the textbox limit;
     the model reads even less: :func:`chatbot.batching.encode_message` says what)."""
@@ -85,7 +98,7 @@ def truncated_note(reply: Reply) -> str:
     """What the model read of a long message, or "" when it read all of it."""
     if not reply.truncated:
         return ""
-    n, chars = len(reply.source_tokens), reply.source_chars
+    n, chars = len(reply.message_tokens), reply.source_chars
     return (f"(메시지가 길어서 앞 {n}조각 ≈ {chars}자만 읽었어요. / "
             f"The model read the first {n} pieces, about {chars} characters.)")
 
@@ -326,43 +339,81 @@ def _turn_reply(turns: Sequence[Turn] | None, index: Any) -> Reply | None:
     return turns[i].reply if 0 <= i < len(turns) else turns[-1].reply
 
 
-def chat_stream(bot: ChatBot, message: Any, history: Sequence[Any] | None, turns: Sequence[Turn] | None,
-                topic: int | None = None, **decoding: Any) -> Iterator[tuple[list[dict[str, str]], go.Figure, list[Turn]]]:
-    """Stream one reply: yields (chat history, attention heatmap, turns) once per generated piece.
+class FigureThrottle:
+    """When a streaming reply's heatmap is worth rebuilding: at most every ``interval`` seconds, and never
+    sooner than ``share`` times as long as the last one took to build. Each heatmap costs time (and
+    bytes to the browser) in proportion to the rows so far, so one per piece would make a reply's
+    cost grow with the square of its length; so throttled, building heatmaps takes at most
+    1 / (1 + share) of the stream's time and the total stays linear in it."""
 
-    An empty message yields a friendly prompt without running the model; of an over-long one the
-    model reads the first pieces, and the reply says how many. The heatmap has one row per reply
-    piece generated so far. ``topic``: the topic for a model that reads one (None: predicted).
+    def __init__(self, interval: float = FIGURE_INTERVAL, share: float = FIGURE_SHARE,
+                 clock: Callable[[], float] = time.monotonic):
+        self.interval, self.share, self.clock = interval, share, clock
+        self.due = clock() + interval  # the first heatmap after one interval: a short reply sends only its last
+
+    def __call__(self, reply: Reply) -> go.Figure | None:
+        """The heatmap of ``reply`` if one is due, else None (the browser keeps the last one)."""
+        start = self.clock()
+        if start < self.due:
+            return None
+        fig = reply_figure(reply)
+        end = self.clock()
+        self.due = end + max(self.interval, self.share * (end - start))
+        return fig
+
+
+def _prompted(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``history`` ending in one empty-message prompt: repeated empty sends do not stack prompts."""
+    if history and history[-1] == {"role": "assistant", "content": EMPTY_PROMPT}:
+        history = history[:-1]
+    return [*history, {"role": "assistant", "content": EMPTY_PROMPT}]
+
+
+def chat_stream(bot: ChatBot, message: Any, history: Sequence[Any] | None, turns: Sequence[Turn] | None,
+                topic: int | None = None, model: str | None = None, *,
+                throttle: Callable[[Reply], go.Figure | None] | None = None,
+                **decoding: Any) -> Iterator[tuple[list[dict[str, Any]], go.Figure | None, list[Turn]]]:
+    """Stream one reply: yields (chat history, attention heatmap or None, turns) once per generated piece.
+
+    The chat text is new every piece; the heatmap (one row per piece so far) only when ``throttle``
+    (default: a :class:`FigureThrottle`) says one is due, else None: the last one sent still stands.
+    The final yield always carries the finished heatmap, and the turn. An empty message yields a
+    friendly prompt without running the model; of an over-long one the model reads the first pieces,
+    and the reply says how many. ``topic``: the topic for a model that reads one (None: predicted).
+    ``model``: the answering model's name, shown under its reply and kept in the turn (None: unlabelled).
     """
     history = normalize_history(history)
     turns = list(turns or [])
     text = clean_message(message)
     if not text.strip():
-        history.append({"role": "assistant", "content": EMPTY_PROMPT})
-        yield list(history), reply_figure(_turn_reply(turns, None)), turns
+        yield _prompted(history), reply_figure(_turn_reply(turns, None)), turns
         return
     history.append({"role": "user", "content": literal(text)})
     history.append({"role": "assistant", "content": "…"})
-    yield list(history), note_figure("생각하는 중… (thinking)"), turns
+    yield list(history), note_figure(THINKING_NOTE), turns
+    throttle = throttle or FigureThrottle()
     for step in bot.stream(text, topic=topic, **decoding):
         reply = step.reply
         if step.done:
             break
         history[-1] = {"role": "assistant", "content": literal(reply.text)}
-        yield list(history), reply_figure(reply), turns
+        yield list(history), throttle(reply), turns
     if not reply.generated:  # the message had no pieces ("\u200b")
         history[-1] = {"role": "assistant", "content": EMPTY_PROMPT}
         yield list(history), reply_figure(_turn_reply(turns, None)), turns
         return
     note = truncated_note(reply)
-    history[-1] = {"role": "assistant", "content": literal(reply.text or "…") + (f"\n{note}" if note else "")}
-    turns = [*turns, Turn(text, reply)]  # new lists each yield: gradio diffs streamed values
+    history[-1] = {"role": "assistant",
+                   "content": labelled(literal(reply.text or "…") + (f"\n{note}" if note else ""), model)}
+    turns = [*turns, Turn(text, reply, model or "")]  # new lists each yield: gradio diffs streamed values
     yield list(history), reply_figure(reply), turns
 
 
 def turn_choices(turns: Sequence[Turn] | None) -> list[tuple[str, int]]:
-    """(label, index) for each turn, for the dropdown that brings back an earlier heatmap."""
-    return [(f"{i + 1}. {t.message[:24]}{'…' if len(t.message) > 24 else ''}", i) for i, t in enumerate(turns or [])]
+    """(label, index) for each turn, for the dropdown that brings back an earlier heatmap; a turn that
+    knows its model says which answered ("2. 안녕 · additive")."""
+    return [(f"{i + 1}. {t.message[:24]}{'…' if len(t.message) > 24 else ''}{f' · {t.model}' if t.model else ''}", i)
+            for i, t in enumerate(turns or [])]
 
 
 def nbest_rows(reply: Reply | None) -> list[list[Any]]:
@@ -379,7 +430,7 @@ class TurnView:
 
     heatmap: go.Figure
     nbest: list[list[Any]]
-    steps: int  # reply pieces: the step slider's maximum
+    steps: int  # reply pieces: the step slider's maximum (0: no reply yet, nothing to step through)
     step: go.Figure
     status: str
 
@@ -391,7 +442,7 @@ def turn_view(turns: Sequence[Turn] | None, index: Any = None, hypothesis: int =
     if reply is not None and reply.n_best and 0 < hypothesis < len(reply.n_best):
         reply = reply.n_best[hypothesis]
     if reply is None:
-        return TurnView(reply_figure(None), [], 1, step_figure(None, 1), "")
+        return TurnView(reply_figure(None), [], 0, step_figure(None, 1), "")
     status = f"{len(reply.source_tokens)}개 입력 조각 → {len(reply.reply_tokens)}개 답변 조각"
     if reply.groups:  # a recall model: the message, its recalls, how much it copied
         copied = 1.0 - float(np.mean(reply.gate)) if reply.gate is not None and len(reply.gate) else 0.0
@@ -404,7 +455,7 @@ def turn_view(turns: Sequence[Turn] | None, index: Any = None, hypothesis: int =
         status += " · " + NO_ATTENTION_NOTE
     if reply.topic is not None:
         status += " · " + topic_note(reply)
-    return TurnView(reply_figure(reply), nbest_rows(_turn_reply(turns, index)), max(1, len(reply.reply_tokens)),
+    return TurnView(reply_figure(reply), nbest_rows(_turn_reply(turns, index)), len(reply.reply_tokens),
                     step_figure(reply, len(reply.reply_tokens)), status)
 
 

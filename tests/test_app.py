@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import json
 import time
 from pathlib import Path
 
@@ -78,6 +79,41 @@ def test_streaming_chat_endpoint_through_the_client(client, served):
     assert plot["type"] == "plotly"
 
 
+def test_chat_streams_text_every_piece_and_the_heatmap_at_most_every_interval(client):
+    from chatbot import ui
+
+    start = time.perf_counter()
+    job = client.submit(MSG, strategy="sample", temperature=2.0, max_len=80, api_name="/chat")
+    updates = list(job)
+    wall = time.perf_counter() - start
+    history, plot = job.result()
+    rows = len(json.loads(plot["plot"])["data"][0]["z"])  # the finished heatmap: a row per reply piece
+    assert len(updates) == rows + 2  # the placeholder, each piece, the finished turn
+    heatmaps = [p for _, p in updates if isinstance(p, dict) and p.get("type") == "plotly"]
+    assert len(heatmaps) <= wall / ui.FIGURE_INTERVAL + 2, (len(heatmaps), wall)
+    assert all(p == {"__type__": "update"} for _, p in updates if p not in heatmaps)  # "keep the last one"
+
+
+def test_events_after_a_reply_leave_the_heatmap_uncovered(tiny_bot):
+    import gradio as gr
+
+    from chatbot.demo import build_demo
+
+    demo = build_demo({"tiny": tiny_bot})
+    deps = {d["api_name"]: d for d in demo.config["dependencies"]}
+    by_id = {b._id: b for b in demo.blocks.values()}
+    assert deps["after_turn"]["show_progress"] == "hidden"  # no full overlay once the stream is done
+    assert deps["chat"]["show_progress"] == "minimal"
+    heatmap = next(b for b in by_id.values() if getattr(b, "elem_id", None) == "heatmap")
+    assert heatmap._id in deps["chat"]["outputs"] and heatmap._id in deps["after_turn"]["outputs"]
+    status = next(b for b in by_id.values() if getattr(b, "elem_id", None) == "status")
+    assert status._id in deps["stash"]["outputs"]  # sending a message clears the last turn's status line
+    step = next(b for b in by_id.values() if getattr(b, "elem_id", None) == "step")
+    assert isinstance(step, gr.Slider) and step.visible is False  # no steps before a reply
+    chat = next(b for b in by_id.values() if isinstance(b, gr.Chatbot))
+    assert chat.group_consecutive_messages is False
+
+
 def test_checkpoint_files_are_not_served(served, tiny_checkpoint):
     url = served[0].rstrip("/")
     for name in ("model.safetensors", "config.json", "tokenizer.model"):
@@ -116,7 +152,17 @@ def test_topic_parameter_of_reply_and_chat(two_models):
     assert auto["topic_id"] == bots[topical].topic_classifier.predict([MSG])[0]
     assert client.predict(MSG, model=plain, topic="2", api_name="/reply")["topic_id"] is None
     history, _ = client.predict(MSG, model=topical, topic="1", api_name="/chat")
-    assert history[-1]["content"][0]["text"] == bots[topical].reply(MSG, topic=1).text
+    assert history[-1]["content"][0]["text"] == f"{bots[topical].reply(MSG, topic=1).text}\n<small>— {topical}</small>"
+
+
+def test_switching_the_model_keeps_the_chat_and_each_reply_names_its_model(two_models):
+    client, bots = two_models
+    plain, topical = bots
+    history, _ = client.predict(MSG, model=plain, api_name="/chat")
+    history, _ = client.predict("안녕", history, model=topical, api_name="/chat")
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2 and len(history[1]["content"]) == 1
+    assert history[1]["content"][0]["text"] == f"{bots[plain].reply(MSG).text}\n<small>— {plain}</small>"
+    assert history[3]["content"][0]["text"].endswith(f"\n<small>— {topical}</small>")
 
 
 def test_decoding_controls_are_built_from_decode_options(tiny_bot):

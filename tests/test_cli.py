@@ -167,3 +167,45 @@ def test_evaluate_writes_its_table_into_the_model_card(tiny_checkpoint, tiny_cor
     load_checkpoint(ck)  # the manifest was rewritten with the card
     after = load_file(ck / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_download_refuses_local_files_in_one_line(tmp_path):
+    out = tmp_path / "ChatbotData.csv"
+    p = run("download", "--url", "file:///etc/passwd", "--out", str(out))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1 and "only http:// and https://" in p.stderr
+    assert "root:" not in p.stderr and not out.exists()
+
+
+def test_download_limits_are_flags(corpus_server, tiny_corpus_csv, tmp_path):
+    env = {"no_proxy": "*", "NO_PROXY": "*", "http_proxy": "", "HTTP_PROXY": ""}
+    out = tmp_path / "ChatbotData.csv"
+    out.write_text("Q,A,label\n기존,파일,0\n", encoding="utf-8")
+    p = run("download", "--url", f"{corpus_server}/{tiny_corpus_csv.name}", "--out", str(out), "--max-bytes", "1000",
+            env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+    assert "more than 1,000 bytes (--max-bytes)" in p.stderr
+    assert out.read_text(encoding="utf-8") == "Q,A,label\n기존,파일,0\n"
+
+    from chatbot.cli import build_parser
+    args = build_parser().parse_args(["download"])
+    assert (args.max_bytes, args.deadline) == (50_000_000, 120.0)
+    for flag, value in (("--max-bytes", "0"), ("--deadline", "-1"), ("--deadline", "nan")):
+        q = run("download", flag, value, "--out", str(out))
+        assert q.returncode == 2 and f"argument {flag}: must be" in q.stderr and q.stderr.count("\n") == 1, q.stderr
+
+
+def test_a_checkpoint_asking_for_an_absurd_model_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
+    from chatbot.checkpoint import sha256
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    raw["config"]["model"]["hidden_dim"] = 1e7  # terabytes, if it were built
+    (bad / "config.json").write_text(json.dumps(raw))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["config.json"] = {"sha256": sha256(bad / "config.json"), "bytes": (bad / "config.json").stat().st_size}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    p = run("reply", "--checkpoint", str(bad), stdin="안녕\n", timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1 and "model.hidden_dim" in p.stderr, p.stderr

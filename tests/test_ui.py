@@ -28,9 +28,30 @@ class NoModel:
     reply = stream
 
 
+def parts(history: list[dict]) -> list[dict]:
+    """``history`` as gradio hands it to a callback: every content a list of text parts."""
+    def as_parts(content):
+        return [{"type": "text", "text": c} for c in (content if isinstance(content, list) else [content])]
+    return [{"role": m["role"], "metadata": None, "content": as_parts(m["content"]), "options": None} for m in history]
+
+
+class Clock:
+    """A fake monotonic clock: every reading is ``tick`` seconds after the one before."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+LONG = dict(strategy="greedy", min_len=80, max_len=80)  # an 80-piece reply, whatever the model
+
+
 def test_stream_yields_a_heatmap_that_grows_one_row_per_piece(tiny_bot):
     full = tiny_bot.reply(MSG)
-    outs = list(ui.chat_stream(tiny_bot, MSG, [], []))
+    outs = list(ui.chat_stream(tiny_bot, MSG, [], [], throttle=ui.FigureThrottle(0.0, 0.0)))  # unthrottled
     streamed = outs[1:-1]  # first: the "thinking" placeholder; last: the finished turn
     assert len(streamed) == len(full.reply_tokens)
     for n, (history, fig, turns) in enumerate(streamed, 1):
@@ -51,6 +72,42 @@ def test_stream_yields_a_heatmap_that_grows_one_row_per_piece(tiny_bot):
     assert "%{z" in fig.data[0].hovertemplate
 
 
+def test_a_long_reply_streams_text_every_piece_and_a_heatmap_at_most_every_interval(tiny_bot):
+    clock = Clock(0.02)  # each piece reads the clock once, twice when it builds a heatmap
+    outs = list(ui.chat_stream(tiny_bot, MSG, [], [], throttle=ui.FigureThrottle(clock=clock), **LONG))
+    pieces, (history, final, turns) = outs[1:-1], outs[-1]
+    assert len(pieces) == 80 == len(turns[0].reply.reply_tokens)
+    texts = [h[-1]["content"] for h, _, _ in pieces]
+    assert texts[-1] == html.escape(turns[0].reply.text, quote=False) == history[-1]["content"]
+    sent = [(n, fig) for n, (_, fig, _) in enumerate(pieces, 1) if fig is not None]
+    assert 3 <= len(sent) <= clock.now / ui.FIGURE_INTERVAL + 1, (len(sent), clock.now)
+    assert all(b - a >= ui.FIGURE_INTERVAL / 0.02 - 1 for (a, _), (b, _) in zip(sent, sent[1:]))  # pieces apart
+    assert all(len(fig.data[0].z) == n for n, fig in sent)  # each is the heatmap of the reply so far
+    assert len(final.data[0].z) == 80  # the last yield always carries the finished heatmap
+
+
+def test_building_heatmaps_takes_a_bounded_share_of_the_stream(tiny_bot, monkeypatch):
+    clock, build = Clock(0.01), ui.reply_figure
+    built: list[float] = []
+
+    def slow_figure(reply):  # a heatmap that takes half a second to build, as a big one on a busy CPU might
+        clock.now += 0.5
+        built.append(0.5)
+        return build(reply)
+
+    monkeypatch.setattr(ui, "reply_figure", slow_figure)
+    outs = list(ui.chat_stream(tiny_bot, MSG, [], [], throttle=ui.FigureThrottle(clock=clock), **LONG))
+    assert len(outs) == 82 and outs[-1][1] is not None
+    streamed = sum(built[:-1])  # the last build is the finished heatmap, always sent
+    assert streamed <= clock.now / (1 + ui.FIGURE_SHARE) + 0.5, (built, clock.now)
+
+
+def test_a_short_reply_sends_only_its_finished_heatmap(tiny_bot):
+    outs = list(ui.chat_stream(tiny_bot, MSG, [], [], throttle=ui.FigureThrottle(clock=lambda: 0.0)))
+    assert all(fig is None for _, fig, _ in outs[1:-1])
+    assert len(outs[-1][1].data[0].z) == len(outs[-1][2][0].reply.reply_tokens)
+
+
 def test_repeated_source_pieces_keep_their_own_columns():
     src, rep = ["ㅋ", "ㅋ", "ㅋ"], ["네"]
     fig = ui.attention_figure(src, rep, np.array([[0.2, 0.3, 0.5]]))
@@ -64,6 +121,25 @@ def test_empty_message_yields_a_prompt_without_a_model_call(message):
     history, _, turns = outs[0]
     assert history == [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": EMPTY_PROMPT}]
     assert turns == []
+
+
+def test_repeated_empty_sends_leave_one_prompt():
+    history = [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "응"}]
+    for message in ["", " ", ""]:
+        (history, _, _), = ui.chat_stream(NoModel(), message, parts(history), [])
+    assert history == [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "응"},
+                       {"role": "assistant", "content": EMPTY_PROMPT}]
+
+
+def test_each_reply_names_the_model_that_answered(tiny_bot):
+    *_, (history, _, turns) = ui.chat_stream(tiny_bot, MSG, [], [], model="default")
+    *_, (history, _, turns) = ui.chat_stream(tiny_bot, "안녕", parts(history), turns, model="<b>b</b>")
+    assert history[1]["content"] == html.escape(turns[0].reply.text, quote=False) + "\n<small>— default</small>"
+    assert history[3]["content"].endswith("\n<small>— &lt;b&gt;b&lt;/b&gt;</small>")  # escaped like any text
+    assert [t.model for t in turns] == ["default", "<b>b</b>"]
+    assert [label for label, _ in ui.turn_choices(turns)] == [f"1. {MSG} · default", "2. 안녕 · <b>b</b>"]
+    *_, (history, _, turns) = ui.chat_stream(tiny_bot, MSG, [], [])  # one model loaded: no label
+    assert "<small>" not in history[-1]["content"] and ui.turn_choices(turns)[0][0] == f"1. {MSG}"
 
 
 def test_message_with_no_pieces_gets_the_prompt_and_no_turn(tiny_bot):
@@ -136,6 +212,13 @@ def test_beam_nbest_table_and_each_hypothesis_has_its_heatmap(tiny_bot):
     second = ui.turn_view(turns, 0, hypothesis=2)
     assert len(second.heatmap.data[0].z) == len(hyp.reply_tokens) == second.steps
     assert ui.hypothesis_reply(turns, 0, 2) is hyp
+
+
+def test_no_turn_has_no_steps_to_inspect(tiny_bot):
+    assert ui.turn_view([]).steps == 0 and ui.turn_view([]).status == ""
+    *_, (_, _, turns) = ui.chat_stream(tiny_bot, MSG, [], [], **LONG)
+    assert ui.turn_view(turns).steps == 80
+    assert "`·` = 띄어쓰기" in ui.PIECES_LEGEND and "`</s>` = 답변 끝" in ui.PIECES_LEGEND
 
 
 def test_turn_history_brings_back_an_earlier_heatmap(tiny_bot):
