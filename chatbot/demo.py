@@ -29,8 +29,9 @@ CSS = """
 """
 LENGTH_PLOT = Path("docs/chrf_by_length.png")  # made by: python -m chatbot evaluate ... --plot (app.py passes its own)
 LENGTH_PLOT_TEXT = """### 질문이 길어지면 어텐션이 더 중요해질까? · Does attention matter more for longer questions?
-고정된 context vector 하나(어텐션 없음)와 어텐션 모델의 chrF를 질문 길이별로 비교했어요 (테스트 분할).
-(chrF of replies by question length on the test split: attention vs. the fixed-context baseline, beside retrieval.)"""
+고정된 context vector 하나(어텐션 없음)와 어텐션 모델, 비슷한 학습 질문의 답을 함께 읽는 기억(recall) 모델의 chrF를
+질문 길이별로 비교했어요 (테스트 분할). (chrF of replies by question length on the test split: attention vs. the
+fixed-context baseline, the recall model, and the TF-IDF lookup it reads from.)"""
 INTRO = """# 한국어 어텐션 챗봇 · Korean attention seq2seq chatbot
 메시지를 보내면 답변이 한 조각씩 나타나고, 오른쪽 히트맵에 조각마다 한 행씩 어텐션이 그려집니다.
 (Replies stream piece by piece; the heatmap grows one row per piece.)"""
