@@ -117,6 +117,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.recall_k and self.train.teacher_forcing < 1.0:  # refused here, not at the first step
+            raise ValueError("a recall model (model.recall_k > 0) trains teacher-forced: train.teacher_forcing "
+                             f"must be 1, got {self.train.teacher_forcing}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -187,7 +187,8 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
     full = bot_replies(bot, questions, [int(x) for x in labels] if topics_used == "corpus" else [None] * len(df),
                        batch_size, **decoding)
     seconds, replies = time.time() - t0, [r.text for r in full]
-    base_replies = RetrievalBaseline(train_q, train_a).reply(questions)
+    recalled = RecallIndex(train_q, train_a).recall(questions, 5)  # the lookup (top 1) and the oracle's top 5
+    base_replies = [rs[0].answer for rs in recalled]
     lengths = [len(bot.read(q).ids) for q in questions]
     figures = lambda hyps: {k: round(v, 4) for k, v in text_metrics(hyps, answers).items()}  # noqa: E731
     return {
@@ -209,8 +210,7 @@ def evaluate(bot: ChatBot, data_path: str, split: str = "test", limit: int = 0,
         "examples": [{"q": q, "reference": a, "model": r, "retrieval": b}
                      for q, a, r, b in list(zip(questions, answers, replies, base_replies))[:10]],
         # headroom for a recall model: chrF if the best of each question's top-k recalled answers were chosen
-        "recall_oracle_chrf": oracle_chrf([[x.answer for x in rs] for rs in RecallIndex(train_q, train_a)
-                                           .recall(questions, 5)], answers),
+        "recall_oracle_chrf": oracle_chrf([[x.answer for x in rs] for rs in recalled], answers),
         **({"recall": recall_figures(full)} if bot.recall_index is not None else {}),
     }
 

@@ -252,7 +252,7 @@ class ChatBot:
     def encode(self, texts: list[str]) -> Memory:
         """The encoder's memory of each message, read as a reply reads it (no topic: for probes)."""
         src, src_len, _ = self.tensors([self.read(t).ids or [EOS_ID] for t in texts])
-        return self.model.encode(src, src_len)
+        return self.model.encode_message(src, src_len)
 
     # ------------------------------------------------------------------ helpers
     def _pieces(self, ids: list[int]) -> list[str]:

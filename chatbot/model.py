@@ -203,19 +203,23 @@ class Seq2Seq(nn.Module):
         With recall, the memory is [message ; recall 1 ; … ; recall K]: (B, S + K·L) positions; the
         decoder's first state comes from the message alone.
         """
+        if not self.copies:
+            return self.encode_message(src, src_len, topic)
+        if recall is None:
+            raise ValueError("this model reads recalled training pairs (model.recall_k > 0): pass recall")
         values, final = self.encoder(src, src_len, topic)
-        state = self.bridge(final)
-        mask = src != PAD_ID  # (B, S)
-        copy_ids = None
-        if self.copies:
-            if recall is None:
-                raise ValueError("this model reads recalled training pairs (model.recall_k > 0): pass recall")
-            rec_values, rec_mask, rec_ids = self._encode_recall(recall)
-            values = torch.cat([values, rec_values], 1)  # (B, S + K·L, H)
-            mask = torch.cat([mask, rec_mask], 1)
-            copy_ids = torch.cat([src, rec_ids], 1)
+        rec_values, rec_mask, rec_ids = self._encode_recall(recall)
+        values = torch.cat([values, rec_values], 1)  # (B, S + K·L, H)
+        keys = self.attention.project_keys(values)
+        return Memory(values, keys, torch.cat([src != PAD_ID, rec_mask], 1), self.bridge(final),
+                      torch.cat([src, rec_ids], 1))
+
+    def encode_message(self, src: Tensor, src_len: Tensor, topic: Tensor | None = None) -> Memory:
+        """The message alone -> Memory (B, S): all a model without recall reads; for a recall model, what
+        its encoder makes of the message (probes), not what its decoder attends over (:meth:`encode`)."""
+        values, final = self.encoder(src, src_len, topic)
         keys = self.attention.project_keys(values) if self.attention is not None else values
-        return Memory(values, keys, mask, state, copy_ids)
+        return Memory(values, keys, src != PAD_ID, self.bridge(final))
 
     def _encode_recall(self, recall: RecallInput) -> tuple[Tensor, Tensor, Tensor]:
         """The recall slots through the shared encoder -> values (B, K·L, H), mask (B, K·L), copy ids (B, K·L)."""

@@ -228,3 +228,15 @@ def test_recall_noise_swaps_a_share_of_the_recalls_deterministically():
     assert all(0 <= r < 5000 for rs in noisy.recall_rows for r in rs)
     assert noisy_recalls(pairs, 0.3, 5000, seed=1).recall_rows == noisy.recall_rows  # seeded
     assert noisy_recalls(pairs, 0.0, 5000, seed=1).recall_rows == rows
+
+
+def test_evaluate_reads_a_recall_models_recalls_and_its_probe_sees_the_message(recall_checkpoint, tiny_corpus_csv):
+    from chatbot.evaluate import evaluate
+    from chatbot.inference import ChatBot
+
+    result = evaluate(ChatBot.from_checkpoint(recall_checkpoint, device="cpu"), str(tiny_corpus_csv), probe=True)
+    assert 1 < result["model"]["perplexity"] < 1000 and 0 <= result["recall"]["gate_mean"] <= 1
+    assert 0 <= result["encoder_neighbour"]["chrf"] <= 100
+    oracle = result["recall_oracle_chrf"]
+    assert oracle["top1"] == pytest.approx(result["retrieval_baseline"]["chrf"], abs=1e-3)  # one lookup, top 1
+    assert oracle["top1"] <= oracle["top3"] <= oracle["top5"]
