@@ -87,11 +87,8 @@ class RecallSlots:
     def batch(self, rows: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]) -> RecallInput:
         """(B lists of K rows, their scores) -> :class:`RecallInput` with ids (B, K, L)."""
         slots = [[self.ids(int(r)) for r in rs] for rs in rows]
-        B, K = len(slots), len(slots[0])
-        ids = torch.full((B, K, max(len(x) for s in slots for x in s)), PAD_ID, dtype=torch.long)
-        for b, s in enumerate(slots):
-            for k, x in enumerate(s):
-                ids[b, k, : len(x)] = torch.tensor(x, dtype=torch.long)
+        L = max(len(x) for s in slots for x in s)
+        ids = torch.tensor([[x + [PAD_ID] * (L - len(x)) for x in s] for s in slots], dtype=torch.long)  # (B, K, L)
         lengths = torch.tensor([[len(x) for x in s] for s in slots], dtype=torch.long)
         return RecallInput(ids, lengths, torch.tensor(scores, dtype=torch.float32))
 

@@ -6,13 +6,18 @@ limits (queue size, concurrency x torch threads <= cores, blocked paths, bind ad
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import parse_qs
 
 import gradio as gr
 import torch
+from starlette.middleware import Middleware
 
 from . import ui
 from .inference import ChatBot
@@ -20,7 +25,11 @@ from .search import OPTIONS
 
 TORCH_THREADS = 1  # per request; concurrency = cores // threads so requests never oversubscribe the CPU
 QUEUE_SIZE = 32
-MAX_FILE_SIZE = "1mb"  # the demo takes no uploads; refuse big bodies early
+MAX_FILE_SIZE = 0  # the demo takes no uploads: RequestLimits refuses /upload, and gradio would take no byte
+MAX_BODY_BYTES = 1024 * 1024  # a request body at most; a chat of ui.MAX_HISTORY_MESSAGES messages needs under 0.7 MB
+MAX_SESSION_HASH = 128  # characters; gradio keys per-session state by it (the page sends 11, gradio_client 36)
+SESSION_CAPACITY = 64  # sessions whose state the server keeps, least recently used dropped first (gradio: 10,000
+# of ~120 KB each, its copy of the page's config, plus the chat's turns)
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 THEME_FONT = ["NanumGothic", "Noto Sans KR", "Malgun Gothic", "Apple SD Gothic Neo", "sans-serif"]
 CSS = """
@@ -40,6 +49,18 @@ INTRO = """# 한국어 어텐션 챗봇 · Korean attention seq2seq chatbot
 def concurrency(threads: int = TORCH_THREADS) -> int:
     """Requests served at once so that requests x torch threads <= CPU cores."""
     return max(1, (os.cpu_count() or 1) // max(1, threads))
+
+
+MODEL_GROUPS = {"chat": "chat", "reply": "reply", "compare": "reply"}  # api_name -> the model group it runs in
+CHAT_QUEUE_SHARE = 0.75  # of the queue that streamed chats may hold: a crowd of them leaves /reply room
+
+
+def model_limits(total: int | None = None) -> dict[str, int]:
+    """Requests at once per model group: ``total`` (default: :func:`concurrency`) split between streamed
+    chats and one-shot replies (/reply, /compare), at least 1 each, so that a crowd of long chats never
+    makes /reply wait behind it and the two together keep requests x torch threads <= cores (on 2 or more)."""
+    n = total or concurrency()
+    return {"chat": max(1, n // 2), "reply": max(1, n - n // 2)}
 
 
 DECODING_ROWS = (("beam_size", "length_penalty"), ("temperature", "top_k"), ("top_p", "max_len"),
@@ -211,8 +232,8 @@ class Callbacks:
     def chat(self, message: str, history: list, session_turns: list, model: str, strategy: str, beam_size: float,
              temperature: float, top_k: float, top_p: float, max_len: float, no_repeat_ngram: float,
              length_penalty: float, repetition_penalty: float, topic: str = ui.TOPIC_AUTO):
-        decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
-                                      length_penalty, repetition_penalty)
+        decoding = _decoding(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
+                             length_penalty, repetition_penalty)
         bot = self.pick(model)
         for chat, heatmap, turns in ui.chat_stream(bot, message, history, session_turns, ui.topic_id(topic, bot),
                                                    self.label(model), **decoding):
@@ -221,8 +242,8 @@ class Callbacks:
     def reply(self, message: str, model: str, strategy: str, beam_size: float, temperature: float, top_k: float,
               top_p: float, max_len: float, no_repeat_ngram: float, length_penalty: float,
               repetition_penalty: float, topic: str = ui.TOPIC_AUTO) -> dict:
-        decoding = ui.decoding_kwargs(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
-                                      length_penalty, repetition_penalty)
+        decoding = _decoding(strategy, beam_size, temperature, top_k, top_p, max_len, no_repeat_ngram,
+                             length_penalty, repetition_penalty)
         bot = self.pick(model)
         return ui.reply_json(bot, message, ui.topic_id(topic, bot), **decoding)
 
@@ -231,6 +252,15 @@ class Callbacks:
 
     def compare(self, message: str):
         return [x for pair in ui.compare(self.bots, message) for x in pair]
+
+
+def _decoding(*controls: Any) -> dict[str, Any]:
+    """ui.decoding_kwargs, its ValueError (NaN, an infinity, not a number) shown as a gr.Error naming the
+    control: gradio shows any other exception as a blank "Error" (show_error is off)."""
+    try:
+        return ui.decoding_kwargs(*controls)
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
 
 
 def _stash(message: str):
@@ -311,6 +341,153 @@ def server_port() -> int:
     return int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
 
 
+class RequestLimits:
+    """ASGI middleware in front of gradio's routes, which bound no request body but an upload's:
+
+    - a body over ``max_body`` bytes gets 413 before gradio parses any of it: at once by its
+      Content-Length, a chunked one as soon as it passes the bound;
+    - uploads get 403: the demo has no file inputs, and gradio stores whatever is posted;
+    - a JSON body must be standard JSON: NaN, Infinity and numbers that overflow to it get 422 (Python's
+      parser takes them, and NaN passes gradio's slider range checks);
+    - a queue join must name one of the demo's functions (gradio answers an unknown ``fn_index`` with a
+      bare 500), a ``/call/<name>`` one of its endpoints (404), and a session_hash is at most
+      MAX_SESSION_HASH characters (422);
+    - when a session's event stream ends with nothing pending, gradio's per-session queue bookkeeping
+      goes (it keeps it for 2,000 sessions, the event-id sets for good: ~5 KB a session).
+    """
+
+    def __init__(self, app: Any, blocks: gr.Blocks, max_body: int = MAX_BODY_BYTES):
+        self.app, self.blocks, self.max_body = app, blocks, max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/queue/data"):
+            await self.app(scope, receive, send)
+            return self.forget_finished_stream(scope)
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        path = scope["path"].rstrip("/")
+        if path.endswith(("/gradio_api/upload", "/gradio_api/process_recording")):
+            return await _refuse(send, 403, "This demo takes no uploads.")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        declared_too_big = length.isdigit() and int(length) > self.max_body
+        body = None if declared_too_big else await _read_body(receive, self.max_body)
+        if body is None:
+            return await _refuse(send, 413, f"The request body is over {self.max_body} bytes.")
+        problem = self.check(path, headers.get(b"content-type", b""), body)
+        if problem:
+            return await _refuse(send, *problem)
+        await self.app(scope, _replay(body, receive), send)
+
+    def check(self, path: str, content_type: bytes, body: bytes) -> tuple[int, str] | None:
+        """(status, why) for a body refused here, else None (gradio takes it from here)."""
+        if not body or (content_type and b"json" not in content_type.lower()):
+            return None  # FastAPI parses JSON only where it says so or says nothing
+        try:
+            data = json.loads(body, parse_constant=_not_finite, parse_float=_finite)
+        except _NotFinite as e:
+            return 422, f"Numbers must be finite: {str(e)[:20]} is not. Send a number in the control's range."
+        except (ValueError, RecursionError):
+            return 400, "The request body is not valid JSON."
+        if not isinstance(data, dict):
+            return None
+        called = re.search(r"/gradio_api/call/(?:v2/)?([^/]+)$", path)
+        if called and called[1] not in {fn.api_name for fn in self.blocks.fns.values()}:
+            return 404, f"This demo has no endpoint named {called[1][:40]!r}."
+        index = data.get("fn_index")
+        if path.endswith("/gradio_api/queue/join") and index is not None:
+            if type(index) is not int or index not in self.blocks.fns:
+                return 422, "fn_index must be the id of one of the demo's functions (see /config)."
+            if self.chats_full(self.blocks.fns[index]):
+                return 503, "Queue is full: streamed chats may hold only part of it. Please try again."
+        session = data.get("session_hash")
+        if isinstance(session, str) and len(session) > MAX_SESSION_HASH:
+            return 422, f"session_hash is over {MAX_SESSION_HASH} characters."
+        return None
+
+
+    def chats_full(self, fn: Any) -> bool:
+        """Whether ``fn`` is a streamed chat and chats already wait in CHAT_QUEUE_SHARE of the queue."""
+        queue = self.blocks._queue
+        waiting = queue.event_queue_per_concurrency_id.get(fn.concurrency_id)
+        return (fn.concurrency_id == "chat" and waiting is not None and queue.max_size is not None
+                and len(waiting.queue) >= max(1, int(queue.max_size * CHAT_QUEUE_SHARE)))
+
+    def forget_finished_stream(self, scope: dict) -> None:
+        """Drop the queue's message queue and event-id set of a session whose stream ended with no event
+        pending (a later join makes new ones; this runs on the event loop, as the queue's own upkeep)."""
+        session = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [""])[0]
+        queue = self.blocks._queue
+        if not session or queue.pending_event_ids_session.get(session):
+            return
+        queue.pending_event_ids_session.pop(session, None)
+        messages = queue.pending_messages_per_session.get(session)
+        if messages is not None and messages.empty():
+            del queue.pending_messages_per_session[session]
+
+
+class _NotFinite(ValueError):
+    """A JSON number that is not finite: NaN, Infinity, or one that overflows to it (1e999)."""
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise _NotFinite(text)
+    return number
+
+
+def _not_finite(text: str) -> float:
+    raise _NotFinite(text)
+
+
+async def _read_body(receive: Any, limit: int) -> bytes | None:
+    """The request body, or None once it passes ``limit`` bytes (or the client goes away)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives the body read already, then what comes next (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> dict:
+        return pending.pop() if pending else await receive()
+    return replay
+
+
+async def _refuse(send: Any, status: int, detail: str) -> None:
+    """A JSON error, as FastAPI words its own; the connection closes (a refused body may be unread)."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _forget_closed_sessions(demo: gr.Blocks) -> None:
+    """Drop a session as soon as its page's heartbeat ends (tab closed): gradio keeps a closed session's
+    state an hour, and its copy of the page's config until SESSION_CAPACITY newer sessions push it out."""
+    if getattr(demo, "_forgets_closed_sessions", False):
+        return  # launched before
+
+    async def forget(request: gr.Request) -> None:  # async: runs on the event loop, as gradio's own state upkeep
+        demo.state_holder.session_data.pop(request.session_hash, None)
+        demo.state_holder.time_last_used.pop(request.session_hash, None)
+
+    demo.unload(forget)
+    demo._forgets_closed_sessions = True
+
+
 def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *,
            private_dirs: Sequence[str | Path] = ("checkpoints", "data"), queue_size: int = QUEUE_SIZE,
            concurrency_limit: int | None = None, **overrides: Any):
@@ -318,16 +495,29 @@ def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *,
     ``server_port`` and ``prevent_thread_lock``). Never shares a public link.
 
     The queue is the only way in (``api_open=False``: no direct REST call skips its size bound or
-    the concurrency limit). MCP and the /monitoring page stay off unless an override asks for them.
+    the concurrency limit); ``concurrency_limit`` is split between the model groups (:func:`model_limits`)
+    and is each other event's limit. MCP and the /monitoring page stay off unless an override asks for them.
+    Every request passes :class:`RequestLimits` first; the server keeps SESSION_CAPACITY sessions at
+    most, and forgets one as soon as its page closes.
     """
     torch.set_num_threads(TORCH_THREADS)
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit or concurrency(), api_open=False)
+    limits = model_limits(concurrency_limit)
+    for fn in demo.fns.values():  # streamed chats and one-shot replies each get their own workers
+        if fn.api_name in MODEL_GROUPS:
+            fn.concurrency_id = MODEL_GROUPS[fn.api_name]
+            fn.concurrency_limit = limits[fn.concurrency_id]
+    _forget_closed_sessions(demo)
     blocked = [str(Path(d).resolve()) for d in (*private_dirs, *checkpoint_dirs)]
     kwargs: dict[str, Any] = dict(
         server_name=server_name(), server_port=server_port(), max_file_size=MAX_FILE_SIZE,
+        state_session_capacity=SESSION_CAPACITY,
         blocked_paths=blocked, show_error=False, footer_links=["api", "settings"], mcp_server=False,
         enable_monitoring=False, theme=gr.themes.Soft(font=THEME_FONT, font_mono=["ui-monospace", "monospace"]),
         css=CSS)
     kwargs.update(overrides)
     kwargs["share"] = False
+    app_kwargs = dict(kwargs.get("app_kwargs") or {})  # an override adds to the limits, never drops them
+    app_kwargs["middleware"] = [Middleware(RequestLimits, blocks=demo), *app_kwargs.get("middleware", [])]
+    kwargs["app_kwargs"] = app_kwargs
     return demo.launch(**kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -157,9 +158,9 @@ class Columns:
     """What each heatmap column of one message holds: the message's pieces, then each recall slot's."""
 
     ids: np.ndarray  # (C,) the piece at each column
-    groups: list[ColumnGroup]  # message, recall 1..K
+    groups: list[ColumnGroup]  # message, recall 1..K: consecutive, together all C columns
 
-    @property
+    @cached_property
     def copy_ids(self) -> np.ndarray:
         """The piece each column copies (a slot's </s> separator copies nothing: -1)."""
         return np.where(np.arange(len(self.ids)) < self.groups[0].end, self.ids,
@@ -167,6 +168,24 @@ class Columns:
 
     def group_at(self, column: int) -> str:
         return next(g.name for g in self.groups if g.start <= column < g.end)
+
+    def copy_credit(self, ids: np.ndarray, probs: np.ndarray, rows: np.ndarray, gates: np.ndarray
+                    ) -> tuple[list[list[float]], list[list[str | None]]]:
+        """For T steps' candidates ``ids`` (T, k) of probabilities ``probs`` (T, k), the steps' attention
+        over these columns ``rows`` (T, C) and copy gates ``gates`` (T,): the share of each candidate's
+        probability that copying gave, (1 - g) · (its columns' attention) / p, rounded to 4 places, and
+        the group of its most attended column (None where copying gave it nothing)."""
+        match = self.copy_ids == ids[..., None]  # (T, k, C): the columns that copy each candidate
+        mass = np.where(match, rows[:, None, :], np.float32(0)).sum(-1)  # (T, k): exact for 0 or 1 column
+        for t, i in zip(*np.nonzero(match.sum(-1) > 1)):  # more: summed as their own array (same bits)
+            mass[t, i] = rows[t][match[t, i]].sum()
+        top = np.where(match, rows[:, None, :], np.float32(-1)).argmax(-1)  # (T, k) first most attended column
+        group = np.searchsorted([g.end for g in self.groups], top, side="right")
+        copied = [[round(min(1.0, (1.0 - g) * m / max(p, 1e-9)), 4) for m, p in zip(ms, ps)]
+                  for g, ms, ps in zip(np.asarray(gates).tolist(), mass.tolist(), probs.tolist())]
+        sources = [[self.groups[j].name if m > 0 else None for j, m in zip(js, ms)]
+                   for js, ms in zip(group.tolist(), mass.tolist())]
+        return copied, sources
 
 
 class ChatBot:
@@ -256,34 +275,46 @@ class ChatBot:
 
     # ------------------------------------------------------------------ helpers
     def _pieces(self, ids: list[int]) -> list[str]:
-        return self.tokenizer.display_pieces(ids)
+        """:meth:`Tokenizer.display_pieces` (each id's label is context-free: kept once made)."""
+        known = self._labels
+        new = [i for i in ids if i not in known]
+        if new:
+            known.update(zip(new, self.tokenizer.display_pieces(new)))
+        return [known[i] for i in ids]
+
+    @cached_property
+    def _labels(self) -> dict[int, str]:
+        return {}
 
     def _candidates(self, ids: np.ndarray, probs: np.ndarray, row: np.ndarray | None = None,
                     gate: float | None = None, columns: Columns | None = None) -> list[Candidate]:
         """The step's top-k next pieces; for a recall model (``gate``, ``row``: that step's attention over
         ``columns``), how much of each one's probability came from copying, and from which group."""
-        pieces = self._pieces([int(i) for i in ids])
-        out = [Candidate(p if int(i) != EOS_ID else "</s>", float(q)) for p, i, q in zip(pieces, ids, probs)]
-        if gate is None or row is None or columns is None:
+        return self._candidate_steps(ids[None], probs[None], None if row is None else row[None],
+                                     None if gate is None else np.array([gate]), columns)[0]
+
+    def _candidate_steps(self, ids: np.ndarray, probs: np.ndarray, rows: np.ndarray | None = None,
+                         gates: np.ndarray | None = None, columns: Columns | None = None) -> list[list[Candidate]]:
+        """:meth:`_candidates` of T steps at once: ids, probs (T, k), rows (T, C), gates (T,)."""
+        labels = self._pieces(ids.ravel().tolist())  # each id's label is context-free
+        k = ids.shape[1]
+        out = [[Candidate(p if i != EOS_ID else "</s>", q) for p, i, q in zip(labels[t * k: t * k + k], ts, qs)]
+               for t, (ts, qs) in enumerate(zip(ids.tolist(), probs.tolist()))]
+        if gates is None or rows is None or columns is None or not out:
             return out
-        copy_ids = columns.copy_ids
-        for c, i in zip(out, ids):
-            hit = np.flatnonzero(copy_ids == int(i))
-            mass = float(row[hit].sum()) if hit.size else 0.0
-            c.copied = round(min(1.0, (1.0 - gate) * mass / max(c.prob, 1e-9)), 4)
-            c.source = columns.group_at(int(hit[np.argmax(row[hit])])) if mass > 0 else None
+        copied, sources = columns.copy_credit(ids, probs, rows, gates)
+        for step, shares, groups in zip(out, copied, sources):
+            for c, share, group in zip(step, shares, groups):
+                c.copied, c.source = share, group
         return out
 
     def _to_reply(self, h: Hypothesis, message: EncodedMessage, topic: TopicChoice | None,
                   columns: Columns | None = None) -> Reply:
         source_ids = message.ids if columns is None else columns.ids.tolist()
-        rows = h.attention if h.attention is not None else [None] * len(h.tokens)
-        gates = h.gate if h.gate is not None else [None] * len(h.tokens)
         return Reply(
             text=self.tokenizer.decode(h.tokens), source_tokens=self._pieces(source_ids),
             reply_tokens=self._pieces(h.tokens), attention=h.attention,
-            candidates=[self._candidates(i, p, r, None if g is None else float(g), columns)
-                        for i, p, r, g in zip(h.topk_ids, h.topk_probs, rows, gates)],
+            candidates=self._candidate_steps(h.topk_ids, h.topk_probs, h.attention, h.gate, columns),
             score=h.norm_score, truncated=message.truncated, topic=topic,
             groups=[] if columns is None else columns.groups, gate=h.gate)
 

@@ -232,16 +232,23 @@ class Seq2Seq(nn.Module):
         # The separator </s> is read, never copied (copying it would end the reply): PAD is banned anyway.
         return out.reshape(B, K * L, -1), ids != PAD_ID, ids.masked_fill(ids == EOS_ID, PAD_ID)
 
-    def _mixture(self, x: Tensor, gate_in: Tensor, weights: Tensor, copy_ids: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+    def _mixture(self, x: Tensor, gate_in: Tensor, weights: Tensor, copy_ids: Tensor, smoothing: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
         """x (N, E) output-layer input, gate_in (N, 2H + E) = [c; h; e], weights (N, S) attention,
         copy_ids (N, S) -> log p (N, V) of the mixture (fp32), gate g (N,) in [0, 1], and the mean over
-        the vocabulary of the generator's log q (N,) (label smoothing's term, see :meth:`forward`)."""
+        the vocabulary of the generator's log q (N,) (label smoothing's term, see :meth:`forward`; None
+        unless ``smoothing``)."""
         gate = torch.sigmoid(self.copy_gate(gate_in).float()).squeeze(-1)  # (N,)
         log_vocab = torch.log_softmax(self.out(x).float(), dim=-1)  # (N, V)
         copy = torch.zeros_like(log_vocab).scatter_add_(1, copy_ids, weights.float())  # (N, V)
-        p = gate.unsqueeze(-1) * log_vocab.exp() + (1 - gate).unsqueeze(-1) * copy
-        return torch.log(p.clamp_min(1e-12)), gate, log_vocab.mean(-1)
+        mean_log_vocab = log_vocab.mean(-1) if smoothing else None
+        g = gate.unsqueeze(-1)
+        if torch.is_grad_enabled():
+            p = g * log_vocab.exp() + (1 - g) * copy
+            return torch.log(p.clamp_min(1e-12)), gate, mean_log_vocab
+        # Decoding: the same arithmetic, in place (no autograd to keep the (N, V) intermediates for).
+        p = log_vocab.exp_().mul_(g).add_(copy.mul_(1 - g))
+        return p.clamp_min_(1e-12).log_(), gate, mean_log_vocab
 
     # ------------------------------------------------------------------ decoder
     def _features(self, h: Tensor, context: Tensor | None, positions: Tensor | None = None) -> Tensor:
@@ -260,7 +267,7 @@ class Seq2Seq(nn.Module):
         attention (B, S) or None, state, copy gate g (B,) or None (models without recall)."""
         features, weights, state, gate_in = self._step_features(prev, state, memory)
         if self.copies:
-            logp, gate, _ = self._mixture(features, gate_in, weights, memory.copy_ids)
+            logp, gate, _ = self._mixture(features, gate_in, weights, memory.copy_ids, smoothing=False)
             return logp, weights, state, gate
         return self.out(features), weights, state, None
 

@@ -14,6 +14,9 @@ padded with a space on both sides) is keyed by its full 32-bit crc32 (no two of 
 ``log((1 + n) / (1 + df)) + 1``, and each question's vector scaled to unit length. An n-gram no
 training question has is dropped, as scikit-learn drops words outside its vocabulary.
 
+One message (a chat) is searched through the index's posting lists, scoring exactly only the rows
+that can win; a batch, through one sparse product over every question. Both give the same float bits.
+
 Leave-one-out: recalling for the training questions themselves (``exclude_self=True``) never
 returns a pair whose normalised question is the query's, and the query drops the n-grams only those
 pairs hold, so training sees what a new question sees (the splits are made by normalised question:
@@ -27,9 +30,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -42,6 +47,9 @@ RECALL_FILE = "recall.safetensors"
 FORMAT = "chatbot-recall-index/1"  # the file's "format" metadata; bump when the layout changes
 HASH_SPACE = 2 ** 32  # n-grams keyed by their whole crc32: hashed_counts' buckets never fold them
 CHUNK = 256  # queries scored at once: (CHUNK, pairs) float32 scores, 10 MB at 10k pairs
+FEW = 3  # up to this many queries (a chat's one message), search scores only the rows that can win
+WIDE = 32  # up to this many queries, scores() weighs n-grams in a (V, B) table (4.8 MB at 37k n-grams)
+MARGIN = 1e-4  # |posting-list score - exact score| bound; the orders of summation differ by < 1e-5
 _LOW32 = (1 << 32) - 1
 
 
@@ -84,6 +92,7 @@ class RecallIndex:
         self.cols, self.counts, self.offsets = cols.long(), counts.float(), offsets.long()  # (nnz,) (nnz,) (N+1,)
         self.df = torch.bincount(self.cols, minlength=len(self.vocab))  # (V,) questions holding each n-gram
         self.idf = torch.log((1 + len(questions)) / (1 + self.df.float())) + 1  # (V,) scikit-learn's smooth idf
+        self._idf_or_0 = torch.cat([self.idf, torch.zeros(1)])  # (V + 1,) an extra idf 0 for dropped n-grams
         self.weights = tfidf_weights(self.cols, self.counts, self.offsets[:-1], self.idf)  # (nnz,) unit rows
         # Each row's answer as an id (one per distinct text) and its normalised question's group.
         answer_id: dict[str, int] = {}
@@ -116,8 +125,7 @@ class RecallIndex:
         if left_out is not None:
             known &= self.df[pos] > left_out[query]
         # Dropped n-grams read idf 0 (an extra last entry): no weight, so no share of the norm.
-        w = tfidf_weights(torch.where(known, pos, len(self.vocab)), counts, starts,
-                          torch.cat([self.idf, torch.zeros(1)]))
+        w = tfidf_weights(torch.where(known, pos, len(self.vocab)), counts, starts, self._idf_or_0)
         return pos[known], query[known], w[known]
 
     def scores(self, questions: Sequence[str], *, exclude_self: bool = False) -> torch.Tensor:
@@ -129,23 +137,29 @@ class RecallIndex:
         """
         if not len(questions):
             return torch.zeros(0, len(self))
-        own = [self.rows_of.get(normalize(q), []) for q in questions] if exclude_self else None
+        own = self._own(questions) if exclude_self else None
         cols, query, w = self._query_bags(questions, None if own is None else torch.tensor([len(r) for r in own]))
-        # Only the n-grams the queries hold matter: a (U + 1, B) table of their weights, whose last
-        # row (zeros) every other n-gram of the index reads. Small, so the gathers stay in cache.
-        used, row = torch.unique(cols, return_inverse=True)
-        table = torch.zeros(len(used) + 1, len(questions))
-        table[row, query] = w
-        lookup = torch.full((len(self.vocab),), len(used), dtype=torch.long)
-        lookup[used] = torch.arange(len(used))
-        # Row n of the result: sum_j weights[n, j] * table[lookup[cols[n, j]]], the sparse (N, V) @ (V, B).
-        s = F.embedding_bag(lookup[self.cols], table, self.offsets[:-1], mode="sum",
-                            per_sample_weights=self.weights)  # (N, B)
+        if len(questions) <= WIDE:  # a (V, B) table of the queries' weights, 0 for n-grams they lack
+            table, at = torch.zeros(len(self.vocab), len(questions)), self.cols
+            table[cols, query] = w
+        else:  # only the n-grams the queries hold: a (U + 1, B) table that stays in cache, whose
+            # last row (zeros) every other n-gram of the index reads (one more gather of all n-grams)
+            used, row = torch.unique(cols, return_inverse=True)
+            table = torch.zeros(len(used) + 1, len(questions))
+            table[row, query] = w
+            lookup = torch.full((len(self.vocab),), len(used), dtype=torch.long)
+            lookup[used] = torch.arange(len(used))
+            at = lookup[self.cols]
+        # Row n of the result: sum_j weights[n, j] * table[at[n, j]], the sparse (N, V) @ (V, B); the same
+        # float operations with either table.
+        s = F.embedding_bag(at, table, self.offsets[:-1], mode="sum", per_sample_weights=self.weights)  # (N, B)
         s = s.T.clamp(0.0, 1.0).contiguous() + 0.0  # (B, N); + 0.0 turns a -0.0 into 0.0 (sign bit clear)
-        if own is not None and any(own):
-            hit = torch.tensor([(i, r) for i, rows in enumerate(own) for r in rows])
-            s[hit[:, 0], hit[:, 1]] = -1.0
+        _leave_out(s, own)
         return s
+
+    def _own(self, questions: Sequence[str]) -> list[list[int]]:
+        """Leave-one-out: each question's own rows (the pairs whose normalised question is its)."""
+        return [self.rows_of.get(normalize(q), []) for q in questions]
 
     def search(self, questions: Sequence[str], k: int, *, exclude_self: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,22 +177,109 @@ class RecallIndex:
         rows = torch.full((len(questions), k), -1, dtype=torch.long)
         scores = torch.zeros(len(questions), k)
         top = min(k, self.num_answers)
-        row_code = _LOW32 - torch.arange(len(self))  # (N,) larger for earlier rows: ties go to them
         for start in range(0, len(questions), CHUNK):
             chunk = questions[start: start + CHUNK]
-            s = self.scores(chunk, exclude_self=exclude_self)  # (b, N)
-            # One exact int64 sort key per (query, row): the score's float bits (monotonic for floats
-            # >= 0) above the row code. A left-out pair (-1.0, sign bit set) gets a negative key.
-            key = (s.view(torch.int32).long() << 32) | row_code
-            # Each distinct answer keeps its best key; the best k answers are the k largest of those.
-            best = torch.full((len(chunk), self.num_answers), -1, dtype=torch.long)
-            best.scatter_reduce_(1, self.answer_ids.expand(len(chunk), -1), key, "amax")
-            found = best.topk(top, dim=1).values  # (b, top)
+            found = self._best_few(chunk, top, exclude_self) if len(chunk) <= FEW else None
+            if found is None:
+                found = self._best(chunk, top, exclude_self)  # (b, top)
             ok = found >= 0
             rows[start: start + len(chunk), :top] = torch.where(ok, _LOW32 - (found & _LOW32), -1)
             scores[start: start + len(chunk), :top] = torch.where(
                 ok, (found >> 32).int().view(torch.float32), torch.zeros(()))
         return rows, scores
+
+    def _best(self, questions: list[str], top: int, exclude_self: bool) -> torch.Tensor:
+        """The sort keys (:func:`_keys`) of each question's ``top`` best distinct answers, (B, top), from
+        its score against every indexed question (:meth:`scores`); ``-1``: no answer left."""
+        key = _keys(self.scores(questions, exclude_self=exclude_self), torch.arange(len(self)))  # (B, N)
+        # Each distinct answer keeps its best key; the best k answers are the k largest of those.
+        best = torch.full((len(questions), self.num_answers), -1, dtype=torch.long)
+        best.scatter_reduce_(1, self.answer_ids.expand(len(questions), -1), key, "amax")
+        return best.topk(top, dim=1).values
+
+    def _best_few(self, questions: list[str], top: int, exclude_self: bool) -> torch.Tensor | None:
+        """:meth:`_best` for a few questions, the same keys, from exact scores of only the rows that can win.
+
+        A first pass adds up each question's n-grams' posting lists (~20k of the 350k n-grams of
+        ChatbotData's questions, against the 350k :meth:`scores` reads): every row's score up to the
+        order of summation (< 1e-5 apart). Only the rows within 2 · MARGIN of the question's ``top``-th
+        best answer can be among its top answers; they are scored as :meth:`scores` scores them (the
+        same ``embedding_bag`` on their bags, so the same float bits). None where a question's
+        ``top``-th answer scores about 0 (ties on 0 go to the lowest rows of all): :meth:`_best` decides.
+        """
+        own = self._own(questions) if exclude_self else None
+        cols, query, w = self._query_bags(questions, None if own is None else torch.tensor([len(r) for r in own]))
+        found = torch.full((len(questions), top), -1, dtype=torch.long)
+        for b in range(len(questions)):
+            mine = query == b if len(questions) > 1 else slice(None)
+            approx = self._approx(cols[mine].tolist(), w[mine].tolist())
+            if own is not None:
+                approx[own[b]] = -1.0
+            rows = self._contenders(approx, top)
+            if rows is None:
+                return None
+            key = self._exact_keys(cols[mine], w[mine], rows)
+            found[b] = self._top_answers(key, rows.tolist(), top)
+        return found
+
+    def _approx(self, cols: list[int], weights: list[float]) -> np.ndarray:
+        """(N,) float32: one query's score against every row, from the posting lists of its n-grams
+        (``cols``, with the query's ``weights``), in an order of summation of their own."""
+        start, post_rows, post_weights = self._postings
+        approx = np.zeros(len(self), np.float32)
+        for c, x in zip(cols, weights):
+            at = slice(start[c], start[c + 1])
+            approx[post_rows[at]] += post_weights[at] * np.float32(x)  # a row holds an n-gram once
+        return approx
+
+    def _contenders(self, approx: np.ndarray, top: int) -> np.ndarray | None:
+        """The rows (ascending) whose approximate score is within 2 · MARGIN of the ``top``-th best distinct
+        answer's, or None where that answer scores about 0 (or fewer than ``top`` answers score above 0)."""
+        level = float(approx.max()) / 2
+        while level > MARGIN:  # the rows above a level, lowered until they hold ``top`` answers
+            above = np.flatnonzero(approx >= level)
+            seen: set[int] = set()
+            for r in above[np.argsort(-approx[above], kind="stable")].tolist():
+                seen.add(self._answer_of[r])
+                if len(seen) == top:
+                    kth = float(approx[r])
+                    return np.flatnonzero(approx >= kth - 2 * MARGIN) if kth > 2 * MARGIN else None
+            level /= 4
+        return None
+
+    def _exact_keys(self, cols: torch.Tensor, weights: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """The sort keys of ``rows`` (n,) for one query (its ``cols``, ``weights`` from :meth:`_query_bags`),
+        from the scores :meth:`scores` gives them: the same ``embedding_bag`` over their bags."""
+        table = torch.zeros(len(self.vocab), 1)  # the query's weight of each n-gram (0: not in the query)
+        table[cols, 0] = weights
+        offsets = self.offsets.numpy()
+        bag = offsets[rows + 1] - offsets[rows]
+        at = torch.from_numpy(np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows.tolist()]))
+        s = F.embedding_bag(self.cols[at], table, torch.from_numpy(np.cumsum(bag) - bag), mode="sum",
+                            per_sample_weights=self.weights[at])  # (n, 1)
+        return _keys(s[:, 0].clamp(0.0, 1.0) + 0.0, torch.from_numpy(rows))  # + 0.0: as in scores()
+
+    def _top_answers(self, key: torch.Tensor, rows: list[int], top: int) -> torch.Tensor:
+        """The ``top`` largest keys of distinct answers among ``rows`` (their ``key``), largest first."""
+        best: dict[int, int] = {}
+        for r, k in zip(rows, key.tolist()):
+            a = self._answer_of[r]
+            best[a] = max(k, best.get(a, -1))
+        return torch.tensor((sorted(best.values(), reverse=True) + [-1] * top)[:top])
+
+    @cached_property
+    def _answer_of(self) -> list[int]:
+        """Each row's answer id (``answer_ids`` as a list)."""
+        return self.answer_ids.tolist()
+
+    @cached_property
+    def _postings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tf-idf rows by column (an inverted index), built on first use: ``start`` (V + 1,) where each
+        n-gram's postings begin, the ``rows`` (nnz,) holding them and their ``weights`` (nnz,)."""
+        order = torch.argsort(self.cols, stable=True)
+        rows = torch.repeat_interleave(torch.arange(len(self)), torch.diff(self.offsets))
+        start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(self.df, 0)])
+        return start.numpy(), rows[order].numpy(), self.weights[order].numpy()
 
     def recall(self, questions: Sequence[str], k: int, *, exclude_self: bool = False) -> list[list[Recalled]]:
         """For each question, its top-``k`` distinct answers as :class:`Recalled`, best first (fewer
@@ -222,6 +323,20 @@ class RecallIndex:
         index = cls.__new__(cls)
         index._build(questions, answers, t["vocab"], t["cols"], t["counts"], t["offsets"])
         return index
+
+
+def _keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One exact int64 sort key per (query, row): the score's float bits (monotonic for floats >= 0)
+    above a row code larger for earlier rows (ties go to them). A left-out pair (-1.0, sign bit set)
+    gets a negative key. scores (..., n) float32, rows (n,) -> (..., n)."""
+    return (scores.view(torch.int32).long() << 32) | (_LOW32 - rows)
+
+
+def _leave_out(scores: torch.Tensor, own: list[list[int]] | None) -> None:
+    """Score -1 each query's own rows (leave-one-out), in place; scores (B, N)."""
+    if own is not None and any(own):
+        hit = torch.tensor([(i, r) for i, rows in enumerate(own) for r in rows])
+        scores[hit[:, 0], hit[:, 1]] = -1.0
 
 
 def _check(path: Path, t: dict[str, torch.Tensor], questions: object, answers: object) -> None:

@@ -26,6 +26,9 @@ from .search import OPTIONS, STRATEGIES, STRATEGY_LABELS
 
 FONT_FAMILY = "NanumGothic, Noto Sans KR, Malgun Gothic, Apple SD Gothic Neo, sans-serif"
 MAX_INPUT_CHARS = MAX_MESSAGE_CHARS  # the Textbox's max_length; the callbacks cut API input to this too
+MAX_HISTORY_MESSAGES = 200  # a chat keeps its last 100 turns: the page sends all of it back with every message
+MAX_CONTENT_CHARS = 8 * MAX_INPUT_CHARS  # a history message read at most: above any message the chat writes
+MAX_TURNS = 10  # turns a session keeps for the turn picker (each holds its reply's attention and candidates)
 EXAMPLES = ["오늘 너무 힘들었어", "헤어진 지 한 달 됐어", "좋아하는 사람이 생겼어", "주말에 뭐 하지"]
 STRATEGY_CHOICES = [(label, value) for value, label in STRATEGY_LABELS.items()]  # the radio's (label, value)
 NO_ATTENTION_NOTE = "이 모델은 어텐션이 없어요 (no-attention baseline): 보여 줄 히트맵이 없습니다."
@@ -60,26 +63,37 @@ def literal(text: str) -> str:
     return html.escape(text, quote=False)
 
 
+def _well_formed(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone UTF-16 surrogate (JSON can send one, the reply stream cannot)
+    becomes U+FFFD and an escaped pair its character, as in :func:`chatbot.text.normalize`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def content_text(content: Any) -> str:
-    """A chat message's content as plain text: gradio sends a str or a list of parts."""
+    """A chat message's content as plain text: gradio sends a str or a list of parts. Lone surrogates
+    become U+FFFD, as every other character that cannot be sent back."""
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return _well_formed(content)
     if isinstance(content, dict):
-        return str(content.get("text") or content.get("value") or "")
+        return content_text(content.get("text") or content.get("value") or "")
     if isinstance(content, (list, tuple)):
         return "".join(content_text(part) for part in content)
-    return str(content)
+    return _well_formed(str(content))
 
 
-def normalize_history(history: Sequence[Any] | None) -> list[dict[str, str]]:
-    """Messages-format history with every content flattened to a str."""
-    out = []
-    for m in history or []:
-        if isinstance(m, dict):
-            out.append({"role": m.get("role", "assistant"), "content": content_text(m.get("content"))})
-    return out
+def normalize_history(history: Sequence[Any] | None, keep: int = MAX_HISTORY_MESSAGES - 2) -> list[dict[str, str]]:
+    """Messages-format history with every content flattened to a str, each cut to MAX_CONTENT_CHARS: only
+    its last ``keep`` messages, since the callbacks only append to it (the default leaves room for the
+    turn being answered, so a chat never grows past MAX_HISTORY_MESSAGES)."""
+    messages = [m for m in history or [] if isinstance(m, dict)]
+    return [{"role": m.get("role", "assistant"), "content": content_text(m.get("content"))[:MAX_CONTENT_CHARS]}
+            for m in messages[max(0, len(messages) - keep):]]
 
 
 def labelled(text: str, model: str | None) -> str:
@@ -383,7 +397,7 @@ def chat_stream(bot: ChatBot, message: Any, history: Sequence[Any] | None, turns
     ``model``: the answering model's name, shown under its reply and kept in the turn (None: unlabelled).
     """
     history = normalize_history(history)
-    turns = list(turns or [])
+    turns = list(turns or [])[-(MAX_TURNS - 1):]  # room for this one
     text = clean_message(message)
     if not text.strip():
         yield _prompted(history), reply_figure(_turn_reply(turns, None)), turns

@@ -79,6 +79,20 @@ def test_streaming_chat_endpoint_through_the_client(client, served):
     assert plot["type"] == "plotly"
 
 
+def test_a_long_history_is_cut_to_its_last_messages(client):
+    """The page sends its whole chat back with every message; the server reads only the last
+    MAX_HISTORY_MESSAGES - 2 of them (room for this turn), each cut to MAX_CONTENT_CHARS."""
+    from chatbot import ui
+
+    history = [{"role": ("user", "assistant")[i % 2], "content": [{"type": "text", "text": str(i)}]} for i in range(500)]
+    history[-1]["content"][0]["text"] = "가" * 100_000
+    out, _ = client.predict(MSG, history, api_name="/chat")
+    texts = [m["content"][0]["text"] for m in out]
+    assert len(out) == ui.MAX_HISTORY_MESSAGES
+    assert texts[0] == str(500 - ui.MAX_HISTORY_MESSAGES + 2)
+    assert texts[-3] == "가" * ui.MAX_CONTENT_CHARS and texts[-2] == MSG
+
+
 def test_chat_streams_text_every_piece_and_the_heatmap_at_most_every_interval(client):
     from chatbot import ui
 

@@ -2,26 +2,35 @@
 clients get a clean "queue full" and the server answers normally afterwards. ``pytest -s`` prints figures."""
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+import uuid
 
+import httpx
 import pytest
 
 from chatbot.demo import QUEUE_SIZE
 from chatbot.inference import ChatBot
-from chatbot.loadtest import client, machine, run_load, serve, table
+from chatbot.loadtest import (PROBE_REQUESTS, client, close_all, endpoint_inputs, machine, new_sessions, post_event,
+                              rss_mb, run_load, run_mixed, serve, table)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REQUESTS = 3  # per client: 1 + 4 + 16 clients -> 63 requests
 
 
 @pytest.fixture(scope="module")
-def url(tiny_checkpoint):
+def served(tiny_checkpoint):
     demo, url, _ = serve([tiny_checkpoint])
     run_load(url, 1, 1, timeout=30)  # warm-up
-    yield url
+    yield demo, url
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served[1]
 
 
 @pytest.mark.parametrize("clients", [1, 4, 16])
@@ -32,6 +41,57 @@ def test_within_the_queue_bound_every_request_succeeds(url, clients):
     assert r.ok == r.requests == clients * REQUESTS, dict(r.errors)
     assert not r.errors
     assert r.quantile(0.95) < 20  # seconds: generous, the 2 cores may be busy with other work
+
+
+def test_streamed_chats_beside_reply_all_succeed_and_reply_stays_quick(url):
+    """A small run_mixed: three users stream long sampled /chat replies while one sends /reply; chats
+    and replies run in worker groups of their own, so /reply keeps close to its single-client p95."""
+    single, _ = run_mixed(url, 1, 1, timeout=30)
+    replies, chats = run_mixed(url, 4, 2, timeout=30)
+    ratio = replies.quantile(0.95) / single.quantile(0.95)
+    print(f"\n[load] tiny checkpoint, mixed, {machine()}\n{table([single, replies, chats])}\n"
+          f"/reply p95 {ratio:.2f}x its single-client value")
+    assert chats.ok == chats.requests == 6 and not chats.errors, dict(chats.errors)
+    assert replies.ok == replies.requests >= PROBE_REQUESTS and not replies.errors, dict(replies.errors)
+    assert replies.quantile(0.95) < 3 * single.quantile(0.95) + 0.2  # seconds of slack: 2 cores shared with others
+
+
+def test_a_crowd_of_streamed_chats_leaves_room_for_reply(tiny_checkpoint):
+    """Chats may hold only CHAT_QUEUE_SHARE of the queue: with chats held at a gate (one running, the rest
+    waiting), a further chat gets "queue full" at once while /reply is still answered at once."""
+    from gradio_client.utils import QueueError
+
+    from chatbot.demo import CHAT_QUEUE_SHARE
+
+    free, held = (ChatBot.from_checkpoint(tiny_checkpoint, device="cpu") for _ in range(2))
+    gate = threading.Event()
+
+    class Gated(type(held.model)):
+        def step(self, *args, **kwargs):
+            gate.wait(30)  # bounded: the test never hangs on a lost release
+            return super().step(*args, **kwargs)
+
+    held.model.__class__ = Gated
+    demo, url, _ = serve([], bots={"free": free, "held": held}, queue_size=8)
+    share = max(1, int(8 * CHAT_QUEUE_SHARE))
+    users = [client(url) for _ in range(share + 3)]
+    try:
+        jobs = [u.submit("안녕", model="held", api_name="/chat") for u in users[:share + 1]]
+        deadline = time.monotonic() + 30
+        while len(demo._queue) < share:  # one chat running (held at the gate), `share` waiting
+            assert time.monotonic() < deadline, "the chats never filled their share"
+            time.sleep(0.05)
+        with pytest.raises(QueueError, match="(?i)queue is full"):
+            users[share + 1].submit("안녕", model="held", api_name="/chat").result(timeout=30)
+        t0 = time.perf_counter()
+        assert users[share + 2].predict("안녕", model="free", api_name="/reply")["generated"]
+        assert time.perf_counter() - t0 < 10
+        gate.set()
+        assert all(job.result(timeout=60)[0] for job in jobs)
+    finally:
+        gate.set()
+        close_all(users)
+        demo.close()
 
 
 def test_run_load_refuses_other_hosts():
@@ -80,3 +140,40 @@ def test_past_the_queue_bound_clients_get_queue_full_and_the_server_recovers(tin
     finally:
         gate.set()
         demo.close()
+
+
+def test_memory_stays_flat_over_new_sessions(served):
+    """Each new session cost ~200 KB (/reply) to ~500 KB (/chat) that was never given back: gradio keeps
+    10,000 sessions by default, each with its own copy of the page's config. Once the session store is
+    full, more new sessions must not grow what the server keeps (target: 20 MB per 2,000). Measured after
+    a garbage collection every 40: what is retained, not the cyclic garbage Python has yet to collect."""
+    demo, url = served
+    cap = demo.state_session_capacity
+    new_sessions(url, min(cap, 100) + 16)  # fill the store (and warm up)
+    gc.collect()
+    before, errors = rss_mb(), {}
+    for _ in range(4):
+        errors.update(new_sessions(url, 40).errors)
+        gc.collect()
+    after = rss_mb()
+    print(f"\n[load] 160 new sessions (/reply and /chat in turn): RSS {before:.1f} -> {after:.1f} MB, "
+          f"{(after - before) * 1024 / 160:.1f} KB a session; {len(demo.state_holder.session_data)} kept (cap {cap})")
+    assert not errors, errors
+    assert after - before < 1.6, (before, after)  # 10 KB a session: 20 MB per 2,000
+    assert len(demo.state_holder.session_data) <= cap <= 100
+
+
+def test_a_closed_page_drops_its_session_at_once(served):
+    """When a page's heartbeat ends (tab closed), its session goes now; gradio would keep it an hour."""
+    demo, url = served
+    fn, data = endpoint_inputs(url)["reply"]
+    session = uuid.uuid4().hex
+    with httpx.stream("GET", f"{url.rstrip('/')}/gradio_api/heartbeat/{session}", timeout=30) as beat:
+        lines = beat.iter_lines()  # kept: a dropped line iterator would close the stream at once
+        next(lines)  # connected
+        assert post_event(url, fn, ["안녕", *data[1:]], session_hash=session)[1]["success"]
+        assert session in demo.state_holder.session_data
+    deadline = time.monotonic() + 10
+    while session in demo.state_holder.session_data:
+        assert time.monotonic() < deadline, "the closed page's session is still held"
+        time.sleep(0.1)

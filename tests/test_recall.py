@@ -7,6 +7,7 @@ import unicodedata
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -85,6 +86,20 @@ def test_ties_go_to_the_lower_row_and_recall_is_deterministic(index):
     queries = QUESTIONS[::7] + ["오늘 날씨 진짜 좋다", "헤어진 지 일주일"]
     assert index.recall(queries, 5, exclude_self=True) == index.recall(queries, 5, exclude_self=True)
     assert RecallIndex(QUESTIONS, ANSWERS).recall(queries, 5) == index.recall(queries, 5)
+
+
+def test_one_message_and_a_batch_find_the_same_rows_and_the_same_float_bits(index):
+    """search() reads one message through the posting lists, scoring exactly only the rows that can win,
+    and a batch through one sparse product over every question: the two must agree to the bit."""
+    queries = QUESTIONS + ["", "ㅋ", "커피 한 잔 할래", "오늘 날씨 진짜 좋다"]
+    assert index._best_few([QUESTIONS[0]], 3, False) is not None  # the posting-list path decides this one
+    for exclude_self in (False, True):
+        for k in (1, 3, 5):
+            rows, scores = index.search(queries, k, exclude_self=exclude_self)  # a batch: the product
+            for i, q in enumerate(queries):
+                one_rows, one_scores = index.search([q], k, exclude_self=exclude_self)
+                assert one_rows[0].tolist() == rows[i].tolist(), (q, k, exclude_self)
+                assert one_scores[0].view(torch.int32).tolist() == scores[i].view(torch.int32).tolist(), q
 
 
 def test_a_paraphrase_recalls_its_twin_first():
