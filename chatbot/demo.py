@@ -358,6 +358,7 @@ class RequestLimits:
 
     def __init__(self, app: Any, blocks: gr.Blocks, max_body: int = MAX_BODY_BYTES):
         self.app, self.blocks, self.max_body = app, blocks, max_body
+        self.joining_chats = 0  # chat joins let through and not yet answered: not in gradio's queue yet
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/queue/data"):
@@ -374,44 +375,51 @@ class RequestLimits:
         body = None if declared_too_big else await _read_body(receive, self.max_body)
         if body is None:
             return await _refuse(send, 413, f"The request body is over {self.max_body} bytes.")
-        problem = self.check(path, headers.get(b"content-type", b""), body)
+        problem, joined = self.check(path, headers.get(b"content-type", b""), body)
         if problem:
             return await _refuse(send, *problem)
-        await self.app(scope, _replay(body, receive), send)
+        chat = joined is not None and joined.concurrency_id == "chat"
+        self.joining_chats += chat
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.joining_chats -= chat
 
-    def check(self, path: str, content_type: bytes, body: bytes) -> tuple[int, str] | None:
-        """(status, why) for a body refused here, else None (gradio takes it from here)."""
+    def check(self, path: str, content_type: bytes, body: bytes) -> tuple[tuple[int, str] | None, Any]:
+        """((status, why) for a body refused here, else None; the function a queue join names, or None)."""
         if not body or (content_type and b"json" not in content_type.lower()):
-            return None  # FastAPI parses JSON only where it says so or says nothing
+            return None, None  # FastAPI parses JSON only where it says so or says nothing
         try:
             data = json.loads(body, parse_constant=_not_finite, parse_float=_finite)
         except _NotFinite as e:
-            return 422, f"Numbers must be finite: {str(e)[:20]} is not. Send a number in the control's range."
+            return (422, f"Numbers must be finite: {str(e)[:20]} is not. Send one in the control's range."), None
         except (ValueError, RecursionError):
-            return 400, "The request body is not valid JSON."
+            return (400, "The request body is not valid JSON."), None
         if not isinstance(data, dict):
-            return None
-        called = re.search(r"/gradio_api/call/(?:v2/)?([^/]+)$", path)
-        if called and called[1] not in {fn.api_name for fn in self.blocks.fns.values()}:
-            return 404, f"This demo has no endpoint named {called[1][:40]!r}."
-        index = data.get("fn_index")
-        if path.endswith("/gradio_api/queue/join") and index is not None:
-            if type(index) is not int or index not in self.blocks.fns:
-                return 422, "fn_index must be the id of one of the demo's functions (see /config)."
-            if self.chats_full(self.blocks.fns[index]):
-                return 503, "Queue is full: streamed chats may hold only part of it. Please try again."
+            return None, None
         session = data.get("session_hash")
         if isinstance(session, str) and len(session) > MAX_SESSION_HASH:
-            return 422, f"session_hash is over {MAX_SESSION_HASH} characters."
-        return None
-
+            return (422, f"session_hash is over {MAX_SESSION_HASH} characters."), None
+        called = re.search(r"/gradio_api/call/(?:v2/)?([^/]+)$", path)
+        if called and called[1] not in {fn.api_name for fn in self.blocks.fns.values()}:
+            return (404, f"This demo has no endpoint named {called[1][:40]!r}."), None
+        index = data.get("fn_index")
+        if not path.endswith("/gradio_api/queue/join") or index is None:
+            return None, None
+        if type(index) is not int or index not in self.blocks.fns:
+            return (422, "fn_index must be the id of one of the demo's functions (see /config)."), None
+        if self.chats_full(self.blocks.fns[index]):
+            return (503, "Queue is full: streamed chats may hold only part of it. Please try again."), None
+        return None, self.blocks.fns[index]
 
     def chats_full(self, fn: Any) -> bool:
-        """Whether ``fn`` is a streamed chat and chats already wait in CHAT_QUEUE_SHARE of the queue."""
+        """Whether ``fn`` is a streamed chat and chats already wait (or are joining) in CHAT_QUEUE_SHARE of
+        the queue. Joins let through count until answered: many arrive before gradio queues the first."""
         queue = self.blocks._queue
         waiting = queue.event_queue_per_concurrency_id.get(fn.concurrency_id)
-        return (fn.concurrency_id == "chat" and waiting is not None and queue.max_size is not None
-                and len(waiting.queue) >= max(1, int(queue.max_size * CHAT_QUEUE_SHARE)))
+        return (fn.concurrency_id == "chat" and queue.max_size is not None
+                and (len(waiting.queue) if waiting else 0) + self.joining_chats
+                >= max(1, int(queue.max_size * CHAT_QUEUE_SHARE)))
 
     def forget_finished_stream(self, scope: dict) -> None:
         """Drop the queue's message queue and event-id set of a session whose stream ended with no event
