@@ -18,7 +18,7 @@ HELP = """Korean attention seq2seq chatbot.
   python -m chatbot reply                          one reply per stdin line (shipped model)
   python -m chatbot evaluate --data data/ChatbotData.csv
   python -m chatbot bench --quick                  speed beside the naive tutorial seq2seq (docs/performance.md)
-  python -m chatbot loadtest                       1 / 4 / 16 concurrent API users on 127.0.0.1 (docs/reliability.md)
+  python -m chatbot loadtest                       1 / 4 / 16 / 64 concurrent API users on 127.0.0.1 (docs/reliability.md)
   python -m chatbot publish --space USER/NAME      upload the demo to a Hugging Face Space (--dry-run: list only)
 """
 
@@ -193,13 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
-    p = sub.add_parser("loadtest", help="concurrent /reply users against the demo served on 127.0.0.1",
-                       description="Serve the demo on a free loopback port, then send --requests messages from "
-                                   "each of N concurrent gradio_client users for every N in --clients; prints "
-                                   "p50/p95 latency and errors. The last line printed is a JSON object.")
+    p = sub.add_parser("loadtest", help="concurrent /reply and streamed /chat users against the demo on 127.0.0.1",
+                       description="Serve the demo in a child process on a free loopback port; for every N in "
+                                   "--clients start N gradio_client users at once (N - 1 stream --requests long "
+                                   "sampled /chat replies each, one sends /reply back to back), then --sessions "
+                                   "requests each from a new session; prints p50/p95 latency, errors, the server's "
+                                   "memory and a verdict on each target. The last line printed is a JSON object.")
     p.add_argument("--checkpoint", action="append", default=None, help="checkpoint folder (default: the shipped one)")
-    p.add_argument("--clients", default="1,4,16", help="comma list of concurrent users (default 1,4,16)")
-    p.add_argument("--requests", type=int, default=5, help="requests per user (default 5)")
+    p.add_argument("--clients", default="1,4,16,64", help="comma list of concurrent users (default 1,4,16,64)")
+    p.add_argument("--requests", type=int, default=3, help="streamed chats per chat user (default 3)")
+    p.add_argument("--sessions", type=int, default=2000,
+                   help="new-session requests for the memory check (default 2000; 0 = skip)")
     p.add_argument("--queue-size", type=int, default=None, help="queue max_size (default: the demo's)")
     p.add_argument("--concurrency", type=int, default=None, help="concurrency limit (default: the demo's)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take (default 60)")
@@ -325,10 +329,10 @@ def _bench(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
 def _loadtest(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     from .loadtest import main as loadtest
     counts = [int(n) for n in args.clients.split(",") if n.strip()]
-    if not counts or min(counts) < 1 or args.requests < 1:
-        raise ValueError("--clients needs positive counts (e.g. 1,4,16) and --requests at least 1")
+    if not counts or min(counts) < 1 or args.requests < 1 or args.sessions < 0:
+        raise ValueError("--clients needs positive counts (e.g. 1,4,16), --requests at least 1, --sessions >= 0")
     result = loadtest(args.checkpoint or [], counts, args.requests, queue_size=args.queue_size,
-                      concurrency_limit=args.concurrency, timeout=args.timeout)
+                      concurrency_limit=args.concurrency, timeout=args.timeout, sessions=args.sessions)
     print(result.pop("table"))
     _write_json(result, args.json)
     return 0

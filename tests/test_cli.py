@@ -209,3 +209,23 @@ def test_a_checkpoint_asking_for_an_absurd_model_is_one_line_and_exit_2(tiny_che
     p = run("reply", "--checkpoint", str(bad), stdin="안녕\n", timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.count("\n") == 1 and "model.hidden_dim" in p.stderr, p.stderr
+
+
+def test_loadtest_runs_its_rounds_and_prints_a_verdict_per_target(tiny_checkpoint, tmp_path):
+    """The whole command on the tiny checkpoint: one round per client count (and 1, the baseline), the
+    new-session memory check, a verdict line per target and the JSON, also written to --json."""
+    out = tmp_path / "load.json"
+    p = run("loadtest", "--checkpoint", str(tiny_checkpoint), "--clients", "2", "--requests", "1",
+            "--sessions", "20", "--json", str(out), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout.splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    assert [r["clients"] for r in result["rounds"]] == [1, 2]
+    assert result["rounds"][1]["chat"]["requests"] == 1 and result["new_sessions"]["sessions"] == 20
+    assert len(result["verdict"]) == 3 and all(line.startswith(("ok:", "FAIL:")) for line in result["verdict"])
+    assert result["new_sessions"]["ok"] == 20, result["new_sessions"]
+
+
+def test_loadtest_refuses_bad_counts_in_one_line():
+    p = run("loadtest", "--clients", "0", "--sessions", "5")
+    assert p.returncode == 2 and "--clients needs positive counts" in p.stderr and "Traceback" not in p.stderr
