@@ -7,6 +7,7 @@ Every mechanism scores a decoder ``query`` against encoder ``keys``, masks paddi
     context, weights = attention(query, keys, values, mask)
     # query (B, T, Hq), keys (B, S, Hk), values (B, S, Hv), mask (B, S) bool, True = real token
     # context (B, T, Hv), weights (B, T, S); weights sum to 1 over S and are 0 on padding
+    context, weights = attention(query, keys, values, mask, bias)  # bias (B, T, S) added to the scores
 
 ``keys`` are what :meth:`Attention.project_keys` made of the encoder outputs, computed
 once per source sentence (not once per decoder step).
@@ -29,8 +30,12 @@ class Attention(nn.Module):
         """query (B, T, Hq), keys (B, S, Hk) -> scores (B, T, S)."""
         raise NotImplementedError
 
-    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+                bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``bias`` (B, T, S) or None: added to the scores before the softmax (a recall model's continuation)."""
         scores = self.score(query, keys)  # (B, T, S)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         weights = F.softmax(scores.float(), dim=-1).to(values.dtype)  # (B, T, S)
         context = torch.bmm(weights, values)  # (B, T, Hv)

@@ -38,6 +38,7 @@ from .topic import TOPIC_FILE, TopicClassifier
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS, CARD, MANIFEST = (
     "model.safetensors", "config.json", "tokenizer.model", "metrics.jsonl", "README.md", "manifest.json")
+PROBE_KEY = "attention_probe"  # a metrics.jsonl row's greedy replies to a few fixed messages, with their attention
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
 SPACES_FILE_LIMIT = 10_000_000  # bytes; Spaces refuse larger files without Git LFS
 # Model sizes a config.json may ask for, checked before anything is allocated (the shipped models use
@@ -390,7 +391,8 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
         *([f"- Reads the {m.recall_k} training pairs whose questions are most like the message (TF-IDF over "
            "character 1-3-grams, `recall.safetensors`), each as question </s> answer through the same "
            "encoder with its rank and score; one softmax over message and recalls, and a copy gate: "
-           "p(y) = g * softmax(W h~)[y] + (1 - g) * (attention on the positions holding y) (See et al., 2017)."]
+           "p(y) = g * softmax(W h~)[y] + (1 - g) * (attention on the positions holding y) (See et al., 2017); "
+           "each position that follows the piece just written gets a learned score bonus (continuation)."]
           if m.recall_k else []),
         f"- Tokenizer: sentencepiece {config.tokenizer.model_type}, {m.vocab_size} pieces"
         f"{', konlpy Okt morphemes first' if config.tokenizer.morphemes else ''}; NFC normalisation.",

@@ -98,6 +98,7 @@ class TrainConfig:
     word_dropout: float = 0.1  # share of question pieces replaced by <unk> in training
     recall_noise: float = 0.0  # recall models: share of training questions that read random pairs instead of their recalls (each epoch)
     select: str = "chrf"  # loss | chrf: what picks best/ and drives early stopping (chrf: greedy on validation)
+    copy_alignment: float = 0.0  # recall models: weight of the guided-alignment loss where a recall holds the whole answer
 
     def __post_init__(self) -> None:
         if self.select not in SELECT_BY:
@@ -106,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"train.word_dropout must be in [0, 1), got {self.word_dropout}")
         if not 0.0 <= self.recall_noise <= 1.0:
             raise ValueError(f"train.recall_noise must be in [0, 1], got {self.recall_noise}")
+        if self.copy_alignment < 0:
+            raise ValueError(f"train.copy_alignment must be >= 0, got {self.copy_alignment}")
         if self.subword_alpha < 0:
             raise ValueError(f"train.subword_alpha must be >= 0, got {self.subword_alpha}")
 

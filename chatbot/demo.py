@@ -36,6 +36,74 @@ CSS = """
 #heatmap, #step-plot { min-height: 240px; }
 .gradio-container { max-width: 1400px !important; }
 """
+# Run once when the page loads (launch's js=); every change to the page (re)attaches plotly listeners to each
+# plot (a plot's div may be re-created; removing a listener first keeps it attached once):
+# - a click on a heatmap cell (or on a recall model's copy strip) moves the step inspector to that cell's
+#   reply piece. gr.Plot has no click event, so the click is plotly's own ``plotly_click``; the step slider is
+#   set as a person would set it (an input event), which runs the slider's own inspect_step event;
+# - hovering a heatmap cell marks the source pieces its reply piece attended to (weight >= HIGHLIGHT, and the
+#   most attended one): their labels turn bold and orange until the pointer leaves;
+# - after every drawing (``plotly_afterplot``: a new figure, a resize), x tick labels that would overlap the
+#   label before them are hidden, whatever the plot's width: every piece stays in the hover
+#   (ui.source_ticks turns a long message's labels first, so that few need hiding).
+HIGHLIGHT = 0.1
+PAGE_JS = """() => {
+  const toStep = (e) => {
+    const point = e && e.points && e.points[0];
+    const slider = document.querySelector('#step input[type=range]');
+    if (!point || !Number.isInteger(point.y) || !slider) return;
+    slider.value = String(Math.min(point.y + 1, Number(slider.max)));
+    slider.dispatchEvent(new Event('input', {bubbles: true}));
+  };
+  const mark = (plot, row) => {  // the heatmap's own x axis (a recall model's copy strip is on x2)
+    const weights = row === null ? null : plot.data[0].z[row], top = weights && Math.max(...weights);
+    plot.querySelectorAll('g.xtick').forEach((tick, i) => {
+      const x = tick.__data__ && Number.isInteger(tick.__data__.x) ? tick.__data__.x : i;
+      const on = weights !== null && (weights[x] >= HIGHLIGHT || weights[x] === top);
+      const label = tick.querySelector('text');
+      label.style.fill = on ? '#e6550d' : '';
+      label.style.fontWeight = on ? 'bold' : '';
+      label.classList.toggle('attended', on);
+    });
+  };
+  const thinTicks = (plot) => {
+    for (const axis of plot.querySelectorAll('.xaxislayer-above')) {
+      const labels = [...axis.querySelectorAll('g[class$="tick"] > text')];  // xtick, x2tick, ...
+      labels.forEach((t) => { t.style.display = ''; });
+      const boxes = labels.map((t) => [t, t.getBoundingClientRect()]).filter(([, b]) => b.width > 0)
+        .sort((a, b) => a[1].left + a[1].right - b[1].left - b[1].right);
+      let kept = null;
+      for (const [t, b] of boxes) {
+        if (kept && b.left < kept.right + 1) t.style.display = 'none';
+        else kept = b;
+      }
+    }
+  };
+  const listen = (plot, name, fn) => { plot.removeListener(name, fn); plot.on(name, fn); };
+  const attach = () => {
+    for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+      if (typeof plot.on !== 'function') continue;
+      const fresh = !plot._page;
+      plot._page = plot._page || {
+        thin: () => thinTicks(plot),
+        hover: (e) => {
+          const point = e.points && e.points[0];
+          if (point && point.curveNumber === 0 && point.data.type === 'heatmap') mark(plot, point.y);
+        },
+        unhover: () => mark(plot, null),
+      };
+      listen(plot, 'plotly_afterplot', plot._page.thin);
+      if (fresh) plot._page.thin();
+      if (plot.closest('#heatmap')) {
+        listen(plot, 'plotly_click', toStep);
+        listen(plot, 'plotly_hover', plot._page.hover);
+        listen(plot, 'plotly_unhover', plot._page.unhover);
+      }
+    }
+  };
+  new MutationObserver(attach).observe(document.body, {childList: true, subtree: true});
+  attach();
+}""".replace("HIGHLIGHT", str(HIGHLIGHT))
 LENGTH_PLOT = Path("docs/chrf_by_length.png")  # made by: python -m chatbot evaluate ... --plot (app.py passes its own)
 LENGTH_PLOT_TEXT = """### 질문이 길어지면 어텐션이 더 중요해질까? · Does attention matter more for longer questions?
 고정된 context vector 하나(어텐션 없음)와 어텐션 모델, 비슷한 학습 질문의 답을 함께 읽는 기억(recall) 모델의 chrF를
@@ -52,6 +120,7 @@ def concurrency(threads: int = TORCH_THREADS) -> int:
 
 
 MODEL_GROUPS = {"chat": "chat", "reply": "reply", "compare": "reply"}  # api_name -> the model group it runs in
+REPLAY_CONCURRENCY = 4  # replays drawn at once: each sleeps between frames of ~50 ms (ui.replay)
 CHAT_QUEUE_SHARE = 0.75  # of the queue that streamed chats may hold: a crowd of them leaves /reply room
 
 
@@ -103,6 +172,8 @@ class ChatTab:
     heatmap: gr.Plot
     status: gr.Markdown
     turn_pick: gr.Dropdown
+    replay: gr.Button
+    pace: gr.Slider
     nbest: gr.Dataframe
     step: gr.Slider
     step_plot: gr.Plot
@@ -146,8 +217,10 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
             with gr.Column(scale=6):
                 heatmap = gr.Plot(ui.reply_figure(None), label="어텐션 히트맵 attention heatmap", elem_id="heatmap")
                 status = gr.Markdown("", elem_id="status")
-                turn_pick = gr.Dropdown([], value=None, label="이전 대화 보기 earlier turns", interactive=True,
-                                        elem_id="turn-pick")
+                with gr.Row(equal_height=True):
+                    turn_pick = gr.Dropdown([], value=None, label="이전 대화 보기 earlier turns", interactive=True,
+                                            elem_id="turn-pick", scale=3)
+                    replay, pace = _replay_controls()
                 nbest = gr.Dataframe(headers=ui.NBEST_HEADERS, value=[], interactive=False, wrap=True,
                                      elem_id="nbest", label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row)")
                 step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector", visible=False,
@@ -156,7 +229,17 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                                     elem_id="step-plot")
                 gr.Markdown(ui.PIECES_LEGEND, elem_id="pieces-legend")
     return ChatTab(model, topic, chat, msg, send, stop, clear, pending, controls, api_msg, api_btn, api_out,
-                   heatmap, status, turn_pick, nbest, step, step_plot)
+                   heatmap, status, turn_pick, replay, pace, nbest, step, step_plot)
+
+
+def _replay_controls() -> tuple[gr.Button, gr.Slider]:
+    """The replay button and its pace: the heatmap of the chosen turn grows again, row by row."""
+    low, high, default = ui.REPLAY_PACE
+    with gr.Column(scale=3, min_width=200):
+        pace = gr.Slider(low, high, value=default, step=1, label="재생 속도 pace (조각/초 pieces per second)",
+                         elem_id="replay-pace")
+        replay = gr.Button(ui.REPLAY_LABEL, elem_id="replay", size="sm")
+    return replay, pace
 
 
 def _decoding_controls() -> list[gr.components.Component]:
@@ -205,12 +288,39 @@ def _about_tab(bots: dict[str, ChatBot], length_plot: Path) -> None:
         if length_plot.is_file():
             gr.Markdown(LENGTH_PLOT_TEXT)
             gr.Image(str(length_plot), show_label=False, interactive=False, buttons=[])
-        for name, bot in bots.items():
+        for i, (name, bot) in enumerate(bots.items()):
             with gr.Accordion(f"모델 카드 model card · {name}", open=len(bots) == 1):
                 if bot.config.tokenizer.morphemes:
                     gr.Markdown("⚠️ 이 체크포인트는 konlpy 형태소 분석을 써서 Java 런타임(JRE)이 필요해요.")
                 gr.Markdown(ui.model_card(bot))
                 gr.Plot(ui.training_figure(bot.path), label="학습 곡선 training curves")
+                _attention_epochs(bot, i)
+
+
+def _attention_epochs(bot: ChatBot, i: int) -> None:
+    """Attention forming over training, for model ``i``: a probe message and an epoch slider over the
+    heatmaps its training recorded (ui.epoch_figure), or a note where its checkpoint has no such log."""
+    if not bot.has_attention:
+        return
+    gr.Markdown(ui.EPOCHS_TEXT)
+    epochs, messages = ui.probe_epochs(bot.path), ui.probe_messages(bot.path)
+    if not epochs:
+        gr.Plot(ui.epoch_figure(None), label="에폭별 어텐션 attention per epoch", elem_id=f"epoch-plot-{i}")
+        return
+    with gr.Row():
+        message = gr.Dropdown([(m, k) for k, m in enumerate(messages)], value=0, label="메시지 probe message",
+                              interactive=True, elem_id=f"epoch-message-{i}", scale=3)
+        epoch = gr.Slider(epochs[0], max(epochs[-1], epochs[0] + 1), value=epochs[0], step=1, label="에폭 epoch",
+                          elem_id=f"epoch-slider-{i}", scale=3, visible=len(epochs) > 1)  # one epoch: no slider
+    plot = gr.Plot(ui.epoch_figure(bot.path, 0, epochs[0]), label="에폭별 어텐션 attention per epoch",
+                   elem_id=f"epoch-plot-{i}")
+
+    def show(k: int, e: float):
+        return ui.epoch_figure(bot.path, k, e)
+
+    gr.on([message.input, epoch.input], show, inputs=[message, epoch], outputs=[plot],
+          api_name=f"attention_epoch_{i}", api_visibility="private", trigger_mode="always_last",
+          show_progress="hidden")
 
 
 # ---------------------------------------------------------------- callbacks
@@ -264,8 +374,9 @@ def _decoding(*controls: Any) -> dict[str, Any]:
 
 
 def _stash(message: str):
-    """Take the message out of the box; the status line of the previous turn goes until this one is done."""
-    return "", message, gr.Button(visible=False), gr.Button(visible=True), ""
+    """Take the message out of the box; the status line of the previous turn goes until this one is done,
+    and so does the replay (it would draw an old turn over the growing heatmap)."""
+    return "", message, gr.Button(visible=False), gr.Button(visible=True), "", gr.Button(interactive=False)
 
 
 def _view(session_turns: list, index: Any = None, hyp: int = 0, heatmap: bool = True):
@@ -282,7 +393,13 @@ def _after(session_turns: list):
     The heatmap is left alone: the stream's last yield drew the same one."""
     n = len(session_turns or [])
     return (gr.Dropdown(choices=ui.turn_choices(session_turns), value=n - 1 if n else None), 0,
-            *_view(session_turns, heatmap=False), gr.Button(visible=True), gr.Button(visible=False))
+            *_view(session_turns, heatmap=False), gr.Button(visible=True), gr.Button(visible=False),
+            gr.Button(interactive=True))
+
+
+def _stopped():
+    """The send button back, the stop button and the replay's pause over (the stream's _after never runs)."""
+    return gr.Button(visible=True), gr.Button(visible=False), gr.Button(interactive=True)
 
 
 def _select_turn(session_turns: list, index: Any):
@@ -302,26 +419,36 @@ def _clear():
     return [], [], 0, *_view([]), gr.Dropdown(choices=[], value=None), ""
 
 
+def _replay_turn(session_turns: list, index: Any, hyp: int, pace: float):
+    """The chosen turn's heatmap again, one row more every 1 / pace seconds (ui.replay)."""
+    yield from ui.replay(session_turns, index, hyp, pace)
+
+
 def _wire(cb: Callbacks, c: ChatTab, cmp: CompareTab, turns: gr.State, hypothesis: gr.State) -> None:
     """Every event: the public /chat, /reply and /compare, and the private ones the page uses."""
     view_outputs = [c.heatmap, c.nbest, c.step, c.step_plot, c.status]
+    replaying = c.replay.click(_replay_turn, inputs=[turns, c.turn_pick, hypothesis, c.pace],
+                               outputs=[c.heatmap], api_name="replay", api_visibility="private",
+                               show_progress="hidden")  # no overlay over the heatmap it redraws
     stashed = gr.on([c.msg.submit, c.send.click], _stash, inputs=[c.msg],
-                    outputs=[c.msg, c.pending, c.send, c.stop, c.status], api_name="stash", api_visibility="private",
-                    queue=False)
+                    outputs=[c.msg, c.pending, c.send, c.stop, c.status, c.replay], api_name="stash",
+                    api_visibility="private", queue=False,
+                    cancels=[replaying])  # no old turn's replay draws over the new reply's heatmap
     streaming = stashed.then(cb.chat, inputs=[c.pending, c.chat, turns, c.model, *c.controls, c.topic],
                              outputs=[c.chat, c.heatmap, turns], api_name="chat",
                              show_progress="minimal")  # a full overlay would hide the growing heatmap
-    streaming.then(_after, inputs=[turns], outputs=[c.turn_pick, hypothesis, *view_outputs, c.send, c.stop],
+    streaming.then(_after, inputs=[turns],
+                   outputs=[c.turn_pick, hypothesis, *view_outputs, c.send, c.stop, c.replay],
                    api_name="after_turn", api_visibility="private",
                    show_progress="hidden")  # no overlay over the heatmap the stream just finished
-    c.stop.click(lambda: (gr.Button(visible=True), gr.Button(visible=False)), outputs=[c.send, c.stop],
-                 cancels=[streaming], api_name="stop", api_visibility="private", queue=False)
+    c.stop.click(_stopped, outputs=[c.send, c.stop, c.replay], cancels=[streaming], api_name="stop",
+                 api_visibility="private", queue=False)
     c.clear.click(_clear, outputs=[c.chat, turns, hypothesis, *view_outputs, c.turn_pick, c.msg],
-                  api_name="clear", api_visibility="private", queue=False)
+                  api_name="clear", api_visibility="private", queue=False, cancels=[replaying])
     c.turn_pick.input(_select_turn, inputs=[turns, c.turn_pick], outputs=[hypothesis, *view_outputs],
-                      api_name="select_turn", api_visibility="private")
+                      api_name="select_turn", api_visibility="private", cancels=[replaying])
     c.nbest.select(_select_hypothesis, inputs=[turns, c.turn_pick], outputs=[hypothesis, *view_outputs],
-                   api_name="select_hypothesis", api_visibility="private")
+                   api_name="select_hypothesis", api_visibility="private", cancels=[replaying])
     c.step.input(_step, inputs=[turns, c.turn_pick, hypothesis, c.step], outputs=[c.step_plot],
                  api_name="inspect_step", api_visibility="private", trigger_mode="always_last")
     c.api_btn.click(cb.reply, inputs=[c.api_msg, c.model, *c.controls, c.topic], outputs=[c.api_out],
@@ -515,6 +642,8 @@ def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *,
         if fn.api_name in MODEL_GROUPS:
             fn.concurrency_id = MODEL_GROUPS[fn.api_name]
             fn.concurrency_limit = limits[fn.concurrency_id]
+        elif fn.api_name == "replay":  # mostly waiting for its next frame: more at once than the cores
+            fn.concurrency_limit = REPLAY_CONCURRENCY
     _forget_closed_sessions(demo)
     blocked = [str(Path(d).resolve()) for d in (*private_dirs, *checkpoint_dirs)]
     kwargs: dict[str, Any] = dict(
@@ -522,7 +651,7 @@ def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *,
         state_session_capacity=SESSION_CAPACITY,
         blocked_paths=blocked, show_error=False, footer_links=["api", "settings"], mcp_server=False,
         enable_monitoring=False, theme=gr.themes.Soft(font=THEME_FONT, font_mono=["ui-monospace", "monospace"]),
-        css=CSS)
+        css=CSS, js=PAGE_JS)
     kwargs.update(overrides)
     kwargs["share"] = False
     app_kwargs = dict(kwargs.get("app_kwargs") or {})  # an override adds to the limits, never drops them

@@ -22,6 +22,10 @@ attention runs over [message ; recall 1 ; … ; recall K] with **one** softmax, 
     p(y_t) = g_t · softmax(W_s h̃_t)[y_t] + (1 − g_t) · Σ_{s: x_s = y_t} a_t(s),
     g_t = σ(w_g · [c_t; h_t; e(y_{t−1})] + b_g)
 
+Before that softmax each position's score gets a continuation bias u[y_{t−1}] where the position
+follows the piece just written in its own text (x_{s−1} = y_{t−1}): one learned weight per piece, so a
+copy that has begun can go on in the same recall instead of splicing pieces from several.
+
 Message and recalls share one sentencepiece vocabulary, so copying is a ``scatter_add`` of the
 attention weights onto the piece ids (no extended vocabulary). Such a model returns ``log p`` where
 others return logits: ``softmax(log p) = p``, so decoding and the loss treat both alike.
@@ -31,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -49,12 +54,13 @@ class Memory:
     mask: Tensor  # (B, S) bool, True on real tokens
     state: State  # decoder's initial state
     copy_ids: Tensor | None = None  # (B, S) the piece each position copies (recall models; PAD: none)
+    follows: Tensor | None = None  # (B, S) the piece just before each position in its text (recall models; PAD: none)
 
     def select(self, index: Tensor) -> "Memory":
         """Reorder / repeat the batch (beam search)."""
-        return Memory(self.values.index_select(0, index), self.keys.index_select(0, index),
-                      self.mask.index_select(0, index), select_state(self.state, index),
-                      None if self.copy_ids is None else self.copy_ids.index_select(0, index))
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return Memory(pick(self.values), pick(self.keys), pick(self.mask), select_state(self.state, index),
+                      pick(self.copy_ids), pick(self.follows))
 
 
 @dataclass
@@ -71,6 +77,11 @@ class RecallInput:
     def select(self, i: int) -> "RecallInput":
         """The recall of source ``i`` alone (batch of one)."""
         return RecallInput(self.ids[i: i + 1], self.lengths[i: i + 1], self.scores[i: i + 1])
+
+
+def _follows(ids: Tensor) -> Tensor:
+    """ids (..., L) -> the piece just before each position (..., L); PAD at the first."""
+    return F.pad(ids[..., :-1], (1, 0), value=PAD_ID)
 
 
 def select_state(state: State, index: Tensor) -> State:
@@ -181,6 +192,9 @@ class Seq2Seq(nn.Module):
             self.rank_embedding = nn.Embedding(cfg.recall_k, E)  # which recall slot (1st, 2nd, ...)
             self.score_proj = nn.Linear(1, E, bias=False)  # how similar its question is to the message
             self.copy_gate = nn.Linear(2 * H + E, 1)  # g_t = σ(w_g · [c_t; h_t; e(y_{t-1})] + b_g)
+            # Continuation: score(t, s) += u[y_{t-1}] where position s follows the piece y_{t-1} in its text,
+            # so a copy, once begun, can go on in the same recall (one learned weight per piece).
+            self.continuation = nn.Embedding(cfg.vocab_size, 1)
         self._init()
 
     def _init(self) -> None:
@@ -194,6 +208,7 @@ class Seq2Seq(nn.Module):
             nn.init.normal_(self.encoder.topic_embedding.weight, std=self.cfg.emb_dim ** -0.5)
         if self.copies:  # slot vectors at a piece vector's scale, for the same reason
             nn.init.normal_(self.rank_embedding.weight, std=self.cfg.emb_dim ** -0.5)
+            nn.init.zeros_(self.continuation.weight)  # no preference until learned
 
     # ------------------------------------------------------------------ encoder
     def encode(self, src: Tensor, src_len: Tensor, topic: Tensor | None = None,
@@ -211,8 +226,9 @@ class Seq2Seq(nn.Module):
         rec_values, rec_mask, rec_ids = self._encode_recall(recall)
         values = torch.cat([values, rec_values], 1)  # (B, S + K·L, H)
         keys = self.attention.project_keys(values)
+        follows = torch.cat([_follows(src), _follows(recall.ids).flatten(1)], 1)  # within each text
         return Memory(values, keys, torch.cat([src != PAD_ID, rec_mask], 1), self.bridge(final),
-                      torch.cat([src, rec_ids], 1))
+                      torch.cat([src, rec_ids], 1), follows)
 
     def encode_message(self, src: Tensor, src_len: Tensor, topic: Tensor | None = None) -> Memory:
         """The message alone -> Memory (B, S): all a model without recall reads; for a recall model, what
@@ -251,6 +267,18 @@ class Seq2Seq(nn.Module):
         return p.clamp_min_(1e-12).log_(), gate, mean_log_vocab
 
     # ------------------------------------------------------------------ decoder
+    def _attend(self, query: Tensor, memory: Memory, prev: Tensor) -> tuple[Tensor, Tensor]:
+        """The attention over ``memory`` for decoder queries (B, T, H) that read the pieces ``prev`` (B, T).
+
+        A recall model adds the continuation bias u[y_{t-1}] to the score of every position that follows
+        y_{t-1} in its own text (message or recall slot): a copy, once begun, may go on where it is.
+        """
+        bias = None
+        if self.copies:
+            follows = (prev.unsqueeze(-1) == memory.follows.unsqueeze(1)) & (prev != PAD_ID).unsqueeze(-1)
+            bias = follows * self.continuation(prev)  # (B, T, S); follows is PAD where nothing precedes
+        return self.attention(query, memory.keys, memory.values, memory.mask, bias)
+
     def _features(self, h: Tensor, context: Tensor | None, positions: Tensor | None = None) -> Tensor:
         """h (B, T, H) RNN outputs, context (B, T, H) or None -> the output layer's input (B, T, E).
 
@@ -278,13 +306,13 @@ class Seq2Seq(nn.Module):
         emb = self.dropout(self.embedding(prev)).unsqueeze(1)  # (B, 1, E)
         if self.feeds_context:
             query = _top_hidden(state).unsqueeze(1)  # s_{t-1}: (B, 1, H)
-            context, weights = self.attention(query, memory.keys, memory.values, memory.mask)
+            context, weights = self._attend(query, memory, prev.unsqueeze(1))
             h, state = self.decoder_rnn(torch.cat([emb, context], dim=-1), state)  # (B, 1, H)
         else:
             h, state = self.decoder_rnn(emb, state)  # (B, 1, H)
             context = weights = None
             if self.attention is not None:
-                context, weights = self.attention(h, memory.keys, memory.values, memory.mask)
+                context, weights = self._attend(h, memory, prev.unsqueeze(1))
         features = self._features(h, context).squeeze(1)  # (B, E)
         gate_in = torch.cat([context, h, emb], -1).squeeze(1) if self.copies else None
         return features, (weights.squeeze(1) if weights is not None else None), state, gate_in
@@ -315,7 +343,7 @@ class Seq2Seq(nn.Module):
         h, _ = self.decoder_rnn(emb, memory.state)  # (B, T, H): one call over the whole reply
         context = weights = None
         if self.attention is not None:
-            context, weights = self.attention(h, memory.keys, memory.values, memory.mask)
+            context, weights = self._attend(h, memory, tgt_in)
         x = self._features(h, context, positions)
         if self.copies:
             logp, mean_log_vocab = self._teacher_forced_mixture(x, torch.cat([context, h, emb], -1), weights,

@@ -46,11 +46,12 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .batching import (Batch, EncodedPairs, RecallSlots, batch_order, collate, encode_pairs, encode_source, pad,
-                       with_recall)
-from .checkpoint import MANIFEST, load_checkpoint, read_config, resolve, save_checkpoint, sha256
+from .batching import (RECALL_ANSWER_PIECES, Batch, EncodedPairs, RecallSlots, batch_order, collate, encode_pairs,
+                       encode_source, pad, with_recall)
+from .checkpoint import MANIFEST, PROBE_KEY, Checkpoint, load_checkpoint, read_config, resolve, save_checkpoint, sha256
 from .config import EOS_ID, PAD_ID, UNK_ID, Config, TrainConfig, default_data_path
 from .data import load_corpus, split_corpus
+from .inference import ChatBot
 from .losses import corpus_cross_entropy, linear_cross_entropy
 from .model import RecallInput, Seq2Seq, build_model, count_parameters
 from .recall import RecallIndex
@@ -211,7 +212,7 @@ class NonFiniteLoss(RuntimeError):
 
 def train_step(model: torch.nn.Module, b: Batch, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, *, amp: torch.dtype | None = None, label_smoothing: float = 0.0,
-               grad_clip: float = 1.0, teacher_forcing: float = 1.0) -> tuple[float, int]:
+               grad_clip: float = 1.0, teacher_forcing: float = 1.0, copy_alignment: float = 0.0) -> tuple[float, int]:
     """Forward, loss, backward, clip, step on one batch (its tensors already on the model's device).
 
     The output layer and the loss see only real (non-pad) target positions. The loss is the
@@ -224,12 +225,14 @@ def train_step(model: torch.nn.Module, b: Batch, optimizer: torch.optim.Optimize
     device_type = b.src.device.type
     copies = unwrap(model).copies  # a recall model returns the mixture's log p, not features
     with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
-        x, _ = model(b.src, b.src_len, b.tgt_in, b.topic, teacher_forcing=teacher_forcing,
-                     positions=positions, features=True, recall=b.recall)  # (N, E), or (N, V) and (N,)
+        x, weights = model(b.src, b.src_len, b.tgt_in, b.topic, teacher_forcing=teacher_forcing,
+                           positions=positions, features=True, recall=b.recall)  # (N, E), or (N, V) and (N,)
     if copies:
         logp, mean_log_vocab = x
         nll = F.nll_loss(logp, b.tgt_out[positions], reduction="none")  # (N,)
         loss_sum = ((1 - label_smoothing) * nll - label_smoothing * mean_log_vocab).sum()
+        if copy_alignment > 0:
+            loss_sum = loss_sum + copy_alignment * alignment_nll(weights, b)
     else:
         out = unwrap(model).out
         loss_sum = linear_cross_entropy(x, out.weight, out.bias, b.tgt_out[positions], label_smoothing,
@@ -250,6 +253,34 @@ def train_step(model: torch.nn.Module, b: Batch, optimizer: torch.optim.Optimize
     scaler.step(optimizer)
     scaler.update()
     return total / max(1.0, tokens), int(tokens)
+
+
+def alignment_nll(weights: Tensor, b: Batch) -> Tensor:
+    """Guided alignment for a recall model: where a recall slot's answer is the whole target answer
+    (as far as the slot keeps it), -log of the attention that step t of the reply pays to that answer's
+    t-th piece, summed over those steps (0 where no slot holds the answer). weights (B, T, S)."""
+    ids = b.recall.ids  # (B, K, L)
+    B, K, L = ids.shape
+    T = b.tgt_out.size(1)
+    sep = (ids == EOS_ID).float().argmax(-1)  # (B, K) the </s> after the question
+    answer_len = b.recall.lengths - sep - 1  # (B, K) answer pieces in the slot
+    t = torch.arange(T, device=ids.device)
+    pos = (sep.unsqueeze(-1) + 1 + t).clamp_max(L - 1)  # (B, K, T) where piece t of the slot's answer is
+    pieces = ids.gather(2, pos)  # (B, K, T)
+    target = b.tgt_out.unsqueeze(1)  # (B, 1, T)
+    target_len = (b.tgt_out != PAD_ID).sum(-1, keepdim=True) - 1  # (B, 1) answer pieces, </s> excluded
+    inside = t < answer_len.unsqueeze(-1)  # (B, K, T)
+    kept = target_len.clamp_max(RECALL_ANSWER_PIECES)  # (B, 1) what a slot keeps of such an answer
+    whole = ((pieces == target) | ~inside).all(-1) & (answer_len == kept) & (answer_len > 0)  # (B, K)
+    slot = torch.where(whole, torch.arange(K, device=ids.device), K).min(-1).values  # (B,) first such slot, K: none
+    has = slot < K
+    if not has.any():
+        return weights.new_zeros((), dtype=torch.float32)
+    k = slot.clamp_max(K - 1)
+    memory_pos = b.src.size(1) + k.unsqueeze(-1) * L + pos[torch.arange(B), k]  # (B, T)
+    steps = has.unsqueeze(-1) & inside[torch.arange(B), k]  # (B, T)
+    a = weights.gather(2, memory_pos.unsqueeze(-1)).squeeze(-1).float()  # (B, T)
+    return -(a.clamp_min(1e-6).log() * steps).sum()
 
 
 # ---------------------------------------------------------------- evaluation during training
@@ -289,6 +320,37 @@ def validation_chrf(model: Seq2Seq, tokenizer: Tokenizer, questions: list[str], 
                                           None if topics is None else topics[i: i + batch_size],
                                           None if recalls is None else recalls.batch(i, i + batch_size))]
     return sacrebleu.corpus_chrf(replies, [answers]).score
+
+
+# A few fixed everyday messages answered after every validation, their attention kept in that epoch's
+# metrics.jsonl row under PROBE_KEY: the demo's About tab shows the alignment forming over the epochs.
+ATTENTION_PROBES = ("오늘 너무 피곤해", "헤어진 지 한 달 됐어", "좋아하는 사람이 생겼어")
+
+
+def attention_probe(model: Seq2Seq, tokenizer: Tokenizer, cfg: Config, device: torch.device,
+                    topic: TopicClassifier | None = None, recall: RecallIndex | None = None,
+                    messages: tuple[str, ...] = ATTENTION_PROBES) -> list[dict[str, Any]] | None:
+    """Greedy replies to ``messages`` with the attention behind them, JSON-ready, one entry per message:
+    ``message``, ``source`` (the heatmap's columns: the message's pieces, then each recall slot's),
+    ``reply`` (its pieces), ``attention`` (reply x source, 3 decimals); for a model that reads a topic the
+    ``topic`` its classifier chose, for a recall model the column ``groups`` and the copy ``gate``.
+    None for a model without attention. Through the demo's own reply path (:class:`ChatBot`, greedy
+    decoding), so the pieces and columns are those the demo shows; deterministic, no random draw."""
+    if model.attention is None:
+        return None
+    bot = ChatBot(Checkpoint(model, tokenizer, cfg, topic_classifier=topic, recall_index=recall), device)
+    entries = []
+    for message, r in zip(messages, bot.reply_batch(list(messages))):
+        att = np.asarray(r.attention, dtype=np.float64)  # (len(reply), len(source))
+        entry = {"message": message, "source": r.source_tokens, "reply": r.reply_tokens,
+                 "attention": att.round(3).tolist()}
+        if r.topic is not None:
+            entry["topic"] = r.topic.label
+        if r.groups:
+            entry["groups"] = [dict(vars(g)) for g in r.groups]
+            entry["gate"] = np.asarray(r.gate, dtype=np.float64).round(3).tolist()
+        entries.append(entry)
+    return entries
 
 
 def resample_sources(pairs: EncodedPairs, tokenizer: Tokenizer, questions: list[str], alpha: float,
@@ -795,7 +857,7 @@ class _Run:
         try:
             return train_step(self.train_model, b, self.optimizer, self.scaler, amp=self.amp,
                               label_smoothing=t.label_smoothing, grad_clip=t.grad_clip,
-                              teacher_forcing=t.teacher_forcing)
+                              teacher_forcing=t.teacher_forcing, copy_alignment=t.copy_alignment)
         except NonFiniteLoss as e:
             raise TrainingError(
                 f"loss became {e.args[0]} at step {self.progress.step + 1} (epoch {self.progress.epoch + 1}); "
@@ -844,6 +906,9 @@ class _Run:
                                  self.val_topics[: len(self.sample_questions)] if self.val_topics else None,
                                  self.val_recalls.batch(0, len(self.sample_questions)) if self.val_recalls else None)
         row["samples"] = [{"q": q, "reply": r} for q, r in samples]
+        if self.ddp.main and self.model.attention is not None:  # the demo's "attention forming over training"
+            row[PROBE_KEY] = attention_probe(self.model, self.tokenizer, self.cfg, self.device, self.topic,
+                                             self.recall_index)
         self.log(f"epoch {p.epoch + 1}: train {row['train_loss']:.3f}  val {val_loss:.3f} "
                  f"(ppl {row['val_ppl']:.1f})" + (f"  chrF {row['val_chrf']:.1f}" if "val_chrf" in row else "")
                  + f"  {row['tokens_per_s']:,.0f} tok/s")

@@ -9,6 +9,7 @@ Per-session turn history (for bringing back an earlier heatmap) is a list of :cl
 from __future__ import annotations
 
 import html
+import math
 import textwrap
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .checkpoint import read_metrics
+from .checkpoint import PROBE_KEY, read_metrics
 from .batching import MAX_MESSAGE_CHARS
 from .inference import EMPTY_PROMPT, ChatBot, ColumnGroup, Reply
 from .search import OPTIONS, STRATEGIES, STRATEGY_LABELS
@@ -42,6 +43,10 @@ PIECES_LEGEND = "`·` = 띄어쓰기 (space) · `</s>` = 답변 끝 (end of repl
 MODEL_LABEL = "<small>— {}</small>"  # an assistant turn's last line: the model that answered
 FIGURE_INTERVAL = 0.25  # seconds between two heatmaps of a streaming reply; its text goes every piece
 FIGURE_SHARE = 4.0  # ... and at least this many times as long as the last heatmap took to build
+UPRIGHT_PIECES = 12  # source pieces whose labels stand upright; more are turned to read bottom to top
+LABEL_ROOM = 60  # px a figure grows by for its turned labels (their margin; the rows keep their height)
+REPLAY_PACE = (1.0, 10.0, 3.0)  # the replay's pieces per second: lowest, highest, default
+REPLAY_LABEL = "▶ 다시 보기 replay"
 
 
 @dataclass
@@ -180,6 +185,16 @@ def _layout(fig: go.Figure, title: str | None = None, height: int | None = None,
     return fig
 
 
+def source_ticks(pieces: Sequence[str]) -> dict[str, Any]:
+    """The source-piece axis of a heatmap or an attention row: one tick per piece, upright for a short
+    message, turned to -90 degrees (and smaller) for a long one, so that a label takes the height of a line
+    of text across, not its length. Where the columns are narrower still, the page hides labels that would
+    overlap (PAGE_JS in chatbot/demo.py); every piece stays in the hover."""
+    n, turned = len(pieces), len(pieces) > UPRIGHT_PIECES
+    return dict(tickmode="array", tickvals=list(range(n)), ticktext=[literal(p) for p in pieces], automargin=True,
+                tickangle=-90 if turned else 0, tickfont=dict(size=11 if turned else 12))
+
+
 def note_figure(text: str, width: int = 30) -> go.Figure:
     """An empty figure that only says ``text`` (no attention to show, nothing yet), in lines of about
     ``width`` characters so that it fits a narrow column (plotly never wraps an annotation itself)."""
@@ -216,11 +231,10 @@ def attention_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str],
         customdata=[[[s, r] for s in src] for r in rep], xgap=1, ygap=1,
         hovertemplate="입력 source: %{customdata[0]}<br>출력 reply: %{customdata[1]}"
                       "<br>가중치 weight: %{z:.3f}<extra></extra>"))
-    fig.update_xaxes(tickmode="array", tickvals=list(range(S)), ticktext=src, side="top",
-                     title=dict(text="입력 조각 source pieces"), tickangle=0)
+    fig.update_xaxes(side="top", title=dict(text="입력 조각 source pieces"), **source_ticks(source_tokens))
     fig.update_yaxes(tickmode="array", tickvals=list(range(R)), ticktext=rep, autorange="reversed",
                      title=dict(text="답변 조각 reply pieces"))
-    return _layout(fig, title, height=max(260, 120 + 26 * R))
+    return _layout(fig, title, height=max(260, 120 + 26 * R) + (LABEL_ROOM if S > UPRIGHT_PIECES else 0))
 
 
 def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], attention: np.ndarray,
@@ -231,6 +245,9 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
     S, R = len(source_tokens), att.shape[0]
     src, rep = [literal(p) for p in source_tokens], [literal(p) for p in reply_tokens[:R]]
     group_of = [next((g.name for g in groups if g.start <= i < g.end), "") for i in range(S)]
+    # the group names go this far (px) above the plot: past the labels, which a long message turns
+    lift = 8 + 11 * max(len(p) for p in source_tokens[:S]) if S > UPRIGHT_PIECES else 44
+    top = max(130, lift + 56)  # the names take two lines
     fig = make_subplots(rows=1, cols=2, column_widths=[0.93, 0.07], shared_yaxes=True, horizontal_spacing=0.01)
     fig.add_trace(go.Heatmap(
         z=att.round(4).tolist(), x=list(range(S)), y=list(range(R)), zmin=0.0, zmax=1.0,
@@ -248,16 +265,15 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
         fig.add_vline(x=g.start - 0.5, line=dict(color="#e6550d", width=2), row=1, col=1)
     for g in groups:
         label = g.name if not g.question else f"{g.name} · {g.score:.2f}<br>{literal(textwrap.shorten(g.question, 14, placeholder='…'))}"
-        fig.add_annotation(x=(g.start + g.end - 1) / 2, y=1.0, xref="x", yref="paper", yanchor="bottom", yshift=44,
+        fig.add_annotation(x=(g.start + g.end - 1) / 2, y=1.0, xref="x", yref="paper", yanchor="bottom", yshift=lift,
                            text=label, showarrow=False, font=dict(size=11, color="#e6550d" if g.question else "#333"),
                            hovertext=literal(f"{g.question} → {g.answer}") if g.question else "입력 메시지 the message")
-    fig.update_xaxes(tickmode="array", tickvals=list(range(S)), ticktext=src, side="top",
-                     tickangle=-60 if S > 15 else 0, tickfont=dict(size=10 if S > 30 else 12), row=1, col=1)
+    fig.update_xaxes(side="top", **source_ticks(source_tokens), row=1, col=1)
     fig.update_xaxes(tickmode="array", tickvals=[0], ticktext=["복사<br>copy"], side="top", row=1, col=2)
     fig.update_yaxes(tickmode="array", tickvals=list(range(R)), ticktext=rep, autorange="reversed",
                      title=dict(text="답변 조각 reply pieces"), row=1, col=1)
-    fig = _layout(fig, title, height=max(320, 190 + 26 * R), top=120)
-    fig.update_layout(margin=dict(t=130))
+    fig = _layout(fig, title, height=max(320, 190 + 26 * R) + top - 130, top=120)
+    fig.update_layout(margin=dict(t=top))
     return fig
 
 
@@ -269,14 +285,21 @@ def reply_figure(reply: Reply | None, title: str | None = None) -> go.Figure:
 
 
 def step_figure(reply: Reply | None, step: int) -> go.Figure:
-    """Step inspector for step ``step`` (1-based): top-k next-piece probabilities beside that step's attention row."""
+    """Step inspector for step ``step`` (1-based): top-k next-piece probabilities beside that step's attention
+    row; under them, at the figure's full width, for a long message (its labels need the room)."""
     if reply is None or not reply.generated or not reply.reply_tokens:
         return note_figure("답변의 한 단계를 골라 보세요. (Pick a step of a reply.)")
     t = min(max(int(step or 1), 1), len(reply.reply_tokens)) - 1
     has_att = reply.attention is not None
-    fig = make_subplots(rows=1, cols=2 if has_att else 1, horizontal_spacing=0.12, subplot_titles=(
-        [f"{t + 1}단계 후보 top-k next pieces", f"{t + 1}단계 어텐션 attention row"] if has_att
-        else [f"{t + 1}단계 후보 top-k next pieces"]))
+    stacked = has_att and len(reply.source_tokens) > UPRIGHT_PIECES
+    titles = [f"{t + 1}단계 후보<br>top-k next pieces", f"{t + 1}단계 어텐션<br>attention row"]
+    if stacked:
+        fig = make_subplots(rows=2, cols=1, vertical_spacing=0.2,
+                            subplot_titles=[title.replace("<br>", " ") for title in titles])
+    else:  # side by side, each title in two lines: a narrow screen has room for them
+        fig = make_subplots(rows=1, cols=2 if has_att else 1, horizontal_spacing=0.12,
+                            subplot_titles=titles[:1 + has_att])
+    at = (2, 1) if stacked else (1, 2)  # where the attention row goes
     cands = reply.candidates[t] if t < len(reply.candidates) else []
     chosen = reply.reply_tokens[t]
     copies = [c.copied or 0.0 for c in cands] if any(c.copied is not None for c in cands) else None
@@ -300,11 +323,12 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
         row = np.asarray(reply.attention[t], dtype=float)
         src = [literal(p) for p in reply.source_tokens]
         fig.add_trace(go.Bar(x=list(range(len(src))), y=row.round(4).tolist(), marker_color="#31a354",
-                             customdata=src, hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"), 1, 2)
-        fig.update_xaxes(tickmode="array", tickvals=list(range(len(src))), ticktext=src, row=1, col=2)
-        fig.update_yaxes(range=[0, 1], title=dict(text="가중치 weight"), row=1, col=2)
+                             customdata=src, hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"), *at)
+        fig.update_xaxes(**source_ticks(reply.source_tokens), row=at[0], col=at[1])
+        fig.update_yaxes(range=[0, 1], title=dict(text="가중치 weight"), row=at[0], col=at[1])
     fig.update_layout(showlegend=False)
-    return _layout(fig, f"선택된 조각 chosen: {literal(chosen)}", height=340, top=70)
+    return _layout(fig, f"선택된 조각 chosen: {literal(chosen)}", height=600 + LABEL_ROOM if stacked else 360,
+                   top=90)
 
 
 def training_figure(ckpt_dir: str | Path | None) -> go.Figure:
@@ -339,6 +363,64 @@ def training_figure(ckpt_dir: str | Path | None) -> go.Figure:
         fig.update_yaxes(title=dict(text="chrF"), row=2, col=1)
     fig.update_xaxes(title=dict(text="step"), row=len(specs), col=1)
     return _layout(fig, "학습 곡선 training curves", height=480 if chrf else 360)
+
+
+# ---------------------------------------------------------------- attention over the epochs
+EPOCHS_TEXT = ("#### 학습이 진행되면서 어텐션이 정렬되는 모습 · attention forming over training\n"
+               "학습 중 에폭마다 같은 메시지 몇 개에 답하게 하고 그 어텐션을 기록했어요. 슬라이더로 에폭을 옮기면 "
+               "처음의 흐릿한 가중치가 입력 조각에 정렬되는 과정을 볼 수 있습니다. (After every epoch, training "
+               "answered the same few messages (greedy) and kept their attention: slide through the epochs to "
+               "watch alignment emerge from noise.)")
+NO_PROBE_NOTE = ("이 체크포인트는 에폭별 어텐션을 기록하기 전에 학습되었어요. (This checkpoint was trained before "
+                 "attention was recorded per epoch.)")
+
+
+def probe_log(ckpt_dir: str | Path | None) -> dict[int, list[dict[str, Any]]]:
+    """The attention that training recorded per epoch (``chatbot.train.attention_probe``): epoch -> one
+    entry per probe message. {} for a checkpoint trained before it was recorded, or without attention.
+    An epoch validated twice (a run stopped at train.max_steps inside it, then resumed): the later record."""
+    rows = read_metrics(ckpt_dir) if ckpt_dir else []
+    return {int(r["epoch"]): r[PROBE_KEY] for r in rows if r.get(PROBE_KEY) and "epoch" in r}
+
+
+def probe_epochs(ckpt_dir: str | Path | None) -> list[int]:
+    """The epochs whose attention the checkpoint's log holds, in order (the About tab's slider)."""
+    return sorted(probe_log(ckpt_dir))
+
+
+def probe_messages(ckpt_dir: str | Path | None) -> list[str]:
+    """The probe messages of the checkpoint's log, in order (the About tab's dropdown)."""
+    log = probe_log(ckpt_dir)
+    return [entry["message"] for entry in log[max(log)]] if log else []
+
+
+def epoch_figure(ckpt_dir: str | Path | None, message_index: Any = 0, epoch: Any = None) -> go.Figure:
+    """The heatmap of probe message ``message_index`` at ``epoch`` (the recorded epoch nearest to it; None:
+    the last), drawn by :func:`attention_figure`; a note for a checkpoint without the log."""
+    log = probe_log(ckpt_dir)
+    if not log:
+        return note_figure(NO_PROBE_NOTE)
+    epochs = sorted(log)
+    try:
+        wanted = float(epoch) if epoch is not None else epochs[-1]
+    except (TypeError, ValueError):
+        wanted = epochs[-1]
+    shown = min(epochs, key=lambda e: (abs(e - wanted), e))
+    entries = log[shown]
+    try:
+        entry = entries[min(max(int(message_index or 0), 0), len(entries) - 1)]
+    except (TypeError, ValueError):
+        entry = entries[0]
+    title = f"에폭 epoch {shown} / {epochs[-1]} · {literal(entry['message'])}"
+    if not entry["reply"]:
+        return note_figure(f"에폭 epoch {shown}: 빈 답변이에요. (The reply ended at once: nothing to show.)")
+    groups = [ColumnGroup(**g) for g in entry.get("groups", [])]
+    gate = np.asarray(entry["gate"]) if entry.get("gate") is not None else None
+    fig = attention_figure(entry["source"], entry["reply"], np.asarray(entry["attention"], dtype=float), title,
+                           groups, gate)
+    # the title goes above the column labels (and a recall model's group names): 50 px more on top
+    return fig.update_layout(height=fig.layout.height + 50, margin=dict(t=fig.layout.margin.t + 50),
+                             title=dict(yref="container", y=1.0, yanchor="top", pad=dict(t=12)))
 
 
 # ---------------------------------------------------------------- chat
@@ -449,12 +531,23 @@ class TurnView:
     status: str
 
 
+def shown_reply(turns: Sequence[Turn] | None, index: Any = None, hypothesis: Any = 0) -> Reply | None:
+    """The reply whose heatmap turn ``index`` shows (default: the last turn): its n-best ``hypothesis``,
+    or the reply itself for 0 (the best) and for a row it does not have."""
+    reply = _turn_reply(turns, index)
+    try:
+        hypothesis = int(hypothesis or 0)
+    except (TypeError, ValueError):
+        hypothesis = 0
+    if reply is not None and reply.n_best and 0 < hypothesis < len(reply.n_best):
+        return reply.n_best[hypothesis]
+    return reply
+
+
 def turn_view(turns: Sequence[Turn] | None, index: Any = None, hypothesis: int = 0) -> TurnView:
     """The heatmap, n-best table and step inspector of turn ``index`` (default: the last),
     for its n-best ``hypothesis`` (0 = best)."""
-    reply = _turn_reply(turns, index)
-    if reply is not None and reply.n_best and 0 < hypothesis < len(reply.n_best):
-        reply = reply.n_best[hypothesis]
+    reply = shown_reply(turns, index, hypothesis)
     if reply is None:
         return TurnView(reply_figure(None), [], 0, step_figure(None, 1), "")
     status = f"{len(reply.source_tokens)}개 입력 조각 → {len(reply.reply_tokens)}개 답변 조각"
@@ -478,6 +571,47 @@ def hypothesis_reply(turns: Sequence[Turn] | None, index: Any, hypothesis: int) 
     if reply is not None and reply.n_best and 0 <= hypothesis < len(reply.n_best):
         return reply.n_best[hypothesis]
     return reply
+
+
+def replay_pace(pace: Any) -> float:
+    """The replay's pace in pieces per second, clamped into REPLAY_PACE's range; anything that is not a
+    finite number (an API client's None, NaN, text) takes its default."""
+    low, high, default = REPLAY_PACE
+    try:
+        pace = float(pace)
+    except (TypeError, ValueError):
+        return default
+    return min(max(pace, low), high) if math.isfinite(pace) else default
+
+
+def partial_figure(reply: Reply | None, rows: int) -> go.Figure:
+    """The heatmap of ``reply``'s first ``rows`` pieces, as it stood while the reply streamed (the figure
+    builders cut the attention and the copy strip to the rows given); all rows: :func:`reply_figure`."""
+    if reply is None or not reply.generated or not reply.reply_tokens:
+        return reply_figure(reply)
+    return attention_figure(reply.source_tokens, reply.reply_tokens[:max(1, int(rows))], reply.attention,
+                            None, reply.groups, reply.gate)
+
+
+def replay(turns: Sequence[Turn] | None, index: Any = None, hypothesis: Any = 0, pace: Any = None, *,
+           sleep: Callable[[float], None] = time.sleep,
+           clock: Callable[[], float] = time.monotonic) -> Iterator[go.Figure]:
+    """Replay the growth of turn ``index``'s heatmap (its n-best ``hypothesis``, as :func:`turn_view`
+    shows it): yields the heatmap of 1, 2, ..., n rows, ``pace`` pieces a second (:func:`replay_pace`),
+    the last one the finished heatmap. A turn with nothing to grow (none yet, no attention) yields its
+    heatmap once. Bounded: n is the reply's length (at most max_len + 1 pieces) and every frame waits
+    for its due time, so a replay costs n figure builds however it is paced."""
+    reply = shown_reply(turns, index, hypothesis)
+    if reply is None or not reply.generated or reply.attention is None or not reply.reply_tokens:
+        yield reply_figure(reply)
+        return
+    interval, due = 1.0 / replay_pace(pace), clock()
+    for rows in range(1, len(reply.reply_tokens) + 1):
+        wait = due - clock()
+        if wait > 0:
+            sleep(wait)
+        yield partial_figure(reply, rows)
+        due = max(due + interval, clock())  # a slow build delays the next frame, never bunches the rest
 
 
 # ---------------------------------------------------------------- API, compare, about
@@ -573,6 +707,17 @@ recall $K$], so a heatmap row still sums to 1 over every column.)
 orange strip beside the heatmap is $1 - g_t$, the copied share.)
 
 $$g_t = \sigma\big(w_g^\top [c_t; h_t; e(y_{t-1})] + b_g\big) \qquad p(y_t) = g_t\, \mathrm{softmax}(W_s \tilde h_t)_{y_t} + (1 - g_t) \sum_{s:\, x_s = y_t} a_t(s)$$
+
+**이어 읽기 continuation** — 방금 쓴 조각 $y_{t-1}$ 바로 다음 자리(같은 글 안에서 $x_{s-1} = y_{t-1}$)의 어텐션 점수에
+조각마다 배운 값 $u_{y_{t-1}}$ 을 더합니다. 한 기억을 베끼기 시작했으면 그 자리에서 이어 가게 해, 여러 기억의 조각을
+이어 붙인 어색한 문장을 줄입니다. 학습 때는 기억의 답변이 정답과 똑같으면 $t$번째 조각을 만들 때 그 답변의 $t$번째
+조각을 보도록 가르칩니다 (guided alignment).
+(Before the softmax, every position that follows the piece just written in its own text gets a learned
+bonus $u_{y_{t-1}}$, so a copy that has begun goes on in the same recall instead of splicing pieces from
+several. In training, where a recalled answer is the whole target answer, step $t$ is taught to look at its
+$t$-th piece.)
+
+$$e_t(s) = h_t^\top W_a \bar h_s + u_{y_{t-1}} [x_{s-1} = y_{t-1}] \qquad a_t = \mathrm{softmax}(e_t)$$
 
 답변은 언제나 디코더가 한 조각씩 만듭니다: 저장된 답을 그대로 돌려주지 않고, 복사도 조각 단위의 선택입니다.
 (The decoder still writes every reply piece by piece: copying is a per-piece choice, never a stored answer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from chatbot.loadtest import free_port
@@ -180,6 +181,40 @@ def test_about_tab_renders_the_equations_and_curves(page):
     page.screenshot(path=str(ARTIFACTS / "demo_about.png"), full_page=True)
 
 
+# the epoch heatmap of the About tab's model 0: its title and its weights, as plotly drew them
+READ_EPOCH_PLOT = """() => {
+  const div = document.querySelector('#epoch-plot-0 .js-plotly-plot');
+  if (!div || !div.data || !div.data.length || div.data[0].type !== 'heatmap') return null;
+  return {title: div.layout.title.text, z: div.data[0].z};
+}"""
+
+
+def test_the_about_tabs_epoch_slider_shows_the_attention_of_each_epoch(page, served, tiny_checkpoint):
+    """The served tiny checkpoint was trained in this session, so its log holds the probes' attention."""
+    from chatbot import ui
+
+    epochs = ui.probe_epochs(tiny_checkpoint)
+    assert len(epochs) >= 2
+    page.get_by_role("tab", name="소개 About").click()
+    page.get_by_text("attention forming over training").first.wait_for(timeout=10_000)
+    plot = page.locator("#epoch-plot-0")
+    plot.scroll_into_view_if_needed()
+    page.wait_for_function(f"() => ({READ_EPOCH_PLOT})() !== null", timeout=10_000)
+    before = page.evaluate(READ_EPOCH_PLOT)
+    assert before["title"].startswith(f"에폭 epoch {epochs[0]} / {epochs[-1]}")
+    slider = page.locator("#epoch-slider-0 input[type=range]")
+    assert (slider.get_attribute("min"), slider.get_attribute("max")) == (str(epochs[0]), str(epochs[-1]))
+    slider.fill(str(epochs[-1]))  # as a person drags it: an input event
+    page.wait_for_function(f"t => ({READ_EPOCH_PLOT})()?.title?.startsWith(t)", arg=f"에폭 epoch {epochs[-1]} /",
+                           timeout=10_000)
+    after = page.evaluate(READ_EPOCH_PLOT)
+    assert after["z"] != before["z"]
+    assert after["z"] == ui.epoch_figure(tiny_checkpoint, 0, epochs[-1]).to_plotly_json()["data"][0]["z"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    plot.screenshot(path=str(ARTIFACTS / "demo_attention_epochs.png"))
+    assert page.errors == []
+
+
 @pytest.fixture(scope="module")
 def two_models_page(tiny_checkpoint, tiny_topic_checkpoint, browser):
     """A page of the demo serving a plain model (first) and one that reads a topic."""
@@ -231,3 +266,173 @@ def test_topic_picker_appears_for_a_topic_model_and_steers_its_reply(two_models_
     page.locator("#turn-pick input").click()
     options = page.get_by_role("option").all_inner_texts()
     assert any(o.endswith(f"{message} · topic") for o in options) and any(o.endswith("안녕 · plain") for o in options)
+
+
+# where plotly drew a heatmap cell: the page coordinates of the centre of row ``row`` (0-based), column ``col``
+CELL_CENTRE = """([row, col]) => {
+  const div = document.querySelector('#heatmap .js-plotly-plot'), box = div.getBoundingClientRect();
+  const xa = div._fullLayout.xaxis, ya = div._fullLayout.yaxis;
+  return {x: box.left + xa._offset + xa.l2p(col), y: box.top + ya._offset + ya.l2p(row)};
+}"""
+# from now on, record the heatmap's row count every time it changes
+WATCH_ROWS = """() => { window.rows = [];
+  window.rowsTimer = setInterval(() => {
+    const h = (""" + READ_HEATMAP + """)();
+    if (h && h.rows !== window.rows.at(-1)) window.rows.push(h.rows);
+  }, 5);
+}"""
+
+
+@pytest.fixture
+def fresh_page(served, browser):
+    """A new session of the demo (no turns yet) at 1400 x 1000."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, locale="ko-KR")
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(served[0])
+    page.errors = errors
+    yield page
+    page.close()
+
+
+def long_reply_message(bot, pieces: int = 3) -> str:
+    """A message the tiny model answers with at least ``pieces`` pieces."""
+    return next(m for m in ("오늘 너무 힘들었어", "주말에 뭐 하지", "배고픈데 뭐 먹을까", "헤어진 지 한 달 됐어",
+                            "좋아하는 사람이 생겼어", "안녕") if len(bot.reply(m).reply_tokens) >= pieces)
+
+
+def test_replay_grows_the_chosen_turns_heatmap_again_and_ends_with_all_of_it(fresh_page, served):
+    page, bot = fresh_page, served[1]
+    first, second = long_reply_message(bot), "안녕"
+    expected = bot.reply(first)
+    for message in (first, second):
+        send_and_wait(page, bot, message)
+    page.locator("#turn-pick input").click()  # back to the first turn
+    page.get_by_role("option", name=f"1. {first}").click()
+    n = len(expected.reply_tokens)
+    wait_for_heatmap(page, len(expected.source_tokens), n)
+    page.locator("#replay-pace input[type=range]").fill("10")  # 10 pieces a second
+    page.evaluate(WATCH_ROWS)
+    page.get_by_role("button", name="▶ 다시 보기 replay").click()
+    page.wait_for_function(f"() => window.rows.length > 1 && window.rows.at(-1) === {n}", timeout=30_000)
+    rows = page.evaluate("clearInterval(window.rowsTimer), window.rows")
+    assert rows[0] == n and rows[1] == 1, rows  # from the finished heatmap back to its first row ...
+    assert rows[1:] == sorted(set(rows[1:])) and len(rows) - 1 >= n // 2, rows  # ... one row more at a time
+    heat = page.evaluate(READ_HEATMAP)
+    assert heat["ticks"] == expected.source_tokens and heat["rows"] == n  # ends with the full heatmap
+    assert page.errors == []
+
+
+def test_clicking_a_heatmap_cell_moves_the_step_inspector_to_that_step(fresh_page, served):
+    page, bot = fresh_page, served[1]
+    message = long_reply_message(bot)
+    expected = bot.reply(message)
+    send_and_wait(page, bot, message)
+    slider = page.locator("#step input[type=range]")
+    slider.wait_for(state="visible", timeout=10_000)
+    assert slider.input_value() == str(len(expected.reply_tokens))  # the inspector starts at the last step
+    page.locator("#heatmap").scroll_into_view_if_needed()
+    for k in (2, 1):  # 1-based steps: the row of reply piece k
+        cell = page.evaluate(CELL_CENTRE, [k - 1, len(expected.source_tokens) - 1])
+        page.mouse.click(cell["x"], cell["y"])  # a real click, where plotly drew the cell
+        page.wait_for_function(
+            "k => (document.querySelector('#step-plot .js-plotly-plot')?.layout?.annotations || [])"
+            ".some(a => a.text.startsWith(k + '단계 후보'))", arg=k, timeout=10_000)
+        assert slider.input_value() == str(k)
+    assert page.errors == []
+
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+LONG_MESSAGE = ("오늘 회사에서 너무 힘든 일이 있었는데 친구한테 말하기도 어렵고 가족한테 말하기도 미안해서 혼자 계속 생각만 하다가 "
+                "잠도 못 자고 아침이 되어 버렸어 어떻게 하면 좋을까 정말 모르겠어 내일도 출근해야 하는데 벌써부터 걱정이 돼서 "
+                "아무것도 손에 안 잡혀")  # more pieces than the model reads (48)
+# the x tick labels shown (not hidden) on each x axis of plot ``id``: text and bounding box
+SHOWN_TICKS = """id => [...document.querySelectorAll('#' + id + ' .xaxislayer-above')].map(axis =>
+  [...axis.querySelectorAll('g[class$="tick"] > text')].map(t => [t.textContent, t.getBoundingClientRect().toJSON()])
+    .filter(([, b]) => b.width > 0))"""
+
+
+@pytest.fixture(scope="module")
+def shipped(browser):
+    """The demo serving the shipped default checkpoint (its model reads up to 48 message pieces)."""
+    from chatbot.demo import build_demo, launch
+    from chatbot.inference import ChatBot
+
+    if not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip("needs checkpoints/default")
+    bot = ChatBot.from_checkpoint(DEFAULT_CHECKPOINT, device="cpu")
+    demo = build_demo({"default": bot})
+    _, url, _ = launch(demo, server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url, bot
+    demo.close()
+
+
+def overlapping(boxes: list[dict]) -> list[tuple[int, int]]:
+    return [(i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes[i + 1:], i + 1)
+            if a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]]
+
+
+@pytest.mark.parametrize("width", [1400, 420])
+def test_the_48_pieces_of_a_long_question_get_labels_that_do_not_overlap(shipped, browser, width):
+    url, bot = shipped
+    expected = bot.reply(LONG_MESSAGE)
+    assert len(expected.source_tokens) == 48
+    page = browser.new_page(viewport={"width": width, "height": 1000}, locale="ko-KR")
+    page.goto(url)
+    send(page, LONG_MESSAGE)
+    wait_for_heatmap(page, 48, len(expected.reply_tokens))
+    wait_until_idle(page)
+    page.wait_for_selector("#step-plot .js-plotly-plot .bars", timeout=10_000)
+    page.wait_for_timeout(500)  # the last drawing's labels thinned
+    (heat,) = page.evaluate(SHOWN_TICKS, "heatmap")
+    _, row = page.evaluate(SHOWN_TICKS, "step-plot")  # the candidates' axis, then the attention row's
+    for shown in (heat, row):
+        labels, boxes = [t for t, _ in shown], [b for _, b in shown]
+        assert overlapping(boxes) == [], (width, labels)
+        assert len(labels) >= 12, (width, labels)  # at least every 4th piece named ...
+        it = iter(expected.source_tokens)
+        assert all(label in it for label in labels), labels  # ... in the message's order
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"demo_long_question_{width}.png"), full_page=True)
+    page.close()
+
+
+def test_a_replay_never_draws_over_another_heatmap(tiny_bot):
+    """The replay event's wiring: private, no overlay, the heatmap its only output; a new message, another
+    turn or hypothesis and Clear cancel it, and it cannot start while a reply streams."""
+    from chatbot.demo import build_demo
+
+    demo = build_demo({"tiny": tiny_bot})
+    deps = demo.config["dependencies"]
+    by_name = {d["api_name"]: d for d in deps}
+    replay = by_name["replay"]
+    heatmap = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "heatmap")
+    button = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "replay")
+    assert (replay["api_visibility"], replay["show_progress"], replay["outputs"]) == ("private", "hidden", [heatmap._id])
+    cancelling = [sorted(map(tuple, d["targets"])) for d in deps if replay["id"] in (d.get("cancels") or [])]
+    for name in ("stash", "select_turn", "select_hypothesis", "clear"):
+        assert sorted(map(tuple, by_name[name]["targets"])) in cancelling, name
+    for name in ("stash", "after_turn", "stop"):  # off while a reply streams, on again when it ends or stops
+        assert button._id in by_name[name]["outputs"], name
+
+
+def test_hovering_a_cell_marks_the_source_pieces_its_reply_piece_attended_to(fresh_page, served):
+    from chatbot.demo import HIGHLIGHT
+
+    page, bot = fresh_page, served[1]
+    message = long_reply_message(bot)
+    expected = bot.reply(message)
+    send_and_wait(page, bot, message)
+    page.locator("#heatmap").scroll_into_view_if_needed()
+    marked = "() => [...document.querySelectorAll('#heatmap g.xtick text.attended')].map(t => t.textContent)"
+    for k in range(min(3, len(expected.reply_tokens))):
+        weights = np.round(expected.attention[k], 4)
+        want = [p for p, w in zip(expected.source_tokens, weights) if w >= HIGHLIGHT or w == weights.max()]
+        cell = page.evaluate(CELL_CENTRE, [k, 0])
+        page.mouse.move(cell["x"], cell["y"])
+        page.wait_for_function(f"() => ({marked})().length === {len(want)}", timeout=10_000)
+        assert page.evaluate(marked) == want, (k, weights)
+        bold = page.evaluate("() => getComputedStyle(document.querySelector('#heatmap text.attended')).fontWeight")
+        assert bold in ("bold", "700")
+    page.mouse.move(5, 5)  # away from the heatmap: nothing marked
+    page.wait_for_function(f"() => ({marked})().length === 0", timeout=10_000)

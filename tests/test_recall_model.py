@@ -240,3 +240,40 @@ def test_evaluate_reads_a_recall_models_recalls_and_its_probe_sees_the_message(r
     oracle = result["recall_oracle_chrf"]
     assert oracle["top1"] == pytest.approx(result["retrieval_baseline"]["chrf"], abs=1e-3)  # one lookup, top 1
     assert oracle["top1"] <= oracle["top3"] <= oracle["top5"]
+
+
+def test_the_continuation_bias_starts_at_zero_and_points_past_the_piece_just_written():
+    """u[y_{t-1}] is added to the score of each position that follows y_{t-1} in its own text (message or
+    slot): zero at init (no effect), and once large, the attention goes to the piece after the one copied."""
+    model = tiny()
+    src, src_len, tgt_in, recall = batch()
+    assert not model.continuation.weight.any()
+    assert not hasattr(build_model(ModelConfig(vocab_size=V, emb_dim=8, hidden_dim=12)), "continuation")
+    with torch.no_grad():
+        _, base = model(src, src_len, tgt_in, recall=recall)
+        model.continuation.weight[13] = 30.0  # after writing 13, continue where 13 is followed
+        _, w = model(src, src_len, tgt_in, recall=recall)
+    S = src.size(1)
+    follows_13 = S + 4  # slot 0 of message 0: 11 12 </s> 13 [14]
+    assert torch.equal(base[:, 0], w[:, 0]) and torch.equal(base[1], w[1])  # <s> read, or no 13 in the memory
+    assert w[0, 1].argmax() == follows_13 and w[0, 1, follows_13] > 0.99
+    np.testing.assert_allclose(w.sum(-1).numpy(), 1.0, atol=1e-5)
+
+
+def test_guided_alignment_points_each_step_at_the_recalled_answer_that_is_the_whole_target():
+    from chatbot.batching import Batch
+    from chatbot.train import alignment_nll
+
+    src, src_len, tgt_in, recall = batch()  # message 0's slot 0 answers 13 14; message 1's slot 0: 20 21 22
+    tgt_out = torch.tensor([[13, 14, EOS_ID], [20, 21, EOS_ID]])  # message 1's target is only a prefix of its slot
+    b = Batch(src, src_len, tgt_in, tgt_out, None, recall)
+    S = src.size(1) + 2 * recall.ids.size(2)
+    w = torch.full((2, 3, S), 1.0 / S)
+    w[0, 0] = 0
+    w[0, 0, 4 + 3] = 1.0  # step 0 -> piece 13 of slot 0 (after 4 message positions and "11 12 </s>")
+    w[0, 1] = 0
+    w[0, 1, 4 + 4] = 0.25  # step 1 -> piece 14, a quarter of the weight
+    w[0, 1, 0] = 0.75
+    assert alignment_nll(w, b).item() == pytest.approx(-np.log(0.25), rel=1e-5)
+    b.tgt_out = torch.tensor([[13, 15, EOS_ID], [20, 21, EOS_ID]])  # no slot holds either whole answer
+    assert alignment_nll(w, b).item() == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -235,3 +236,52 @@ def test_a_removed_key_is_one_clear_error_naming_it(key, tiny_checkpoint, tmp_pa
     with pytest.raises(CheckpointError, match=f"{key} (was removed|is now)") as e:
         read_config(old)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, epochs", [({}, 3), ({"model.recall_k": "2"}, 2)], ids=["luong", "recall"])
+def test_training_records_the_attention_of_the_probe_messages_every_epoch(tiny_corpus_csv, tmp_path, overrides,
+                                                                        epochs):
+    """One attention_probe per epoch in metrics.jsonl (and so in best/ and last/, whose manifests still verify):
+    for each probe message its pieces and attention rows that sum to 1 over the columns (a recall model's
+    column groups tile them), the same greedy replies the checkpoint gives."""
+    from chatbot.checkpoint import verify
+    from chatbot.inference import ChatBot
+    from chatbot.train import ATTENTION_PROBES, PROBE_KEY
+
+    best = train_tiny(tiny_corpus_csv, tmp_path, **{"train.epochs": str(epochs), "train.patience": "10",
+                                                    **overrides})
+    for ckpt in (best, tmp_path / "last"):
+        verify(ckpt)
+        rows = [r for r in read_metrics(ckpt) if PROBE_KEY in r]
+        assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+        assert [r["epoch"] for r in read_metrics(ckpt) if "val_loss" in r] == list(range(1, epochs + 1))
+    for row in rows:
+        assert [p["message"] for p in row[PROBE_KEY]] == list(ATTENTION_PROBES)
+        for p in row[PROBE_KEY]:
+            att = np.array(p["attention"])
+            assert att.shape == (len(p["reply"]), len(p["source"])) and len(p["reply"]) > 0
+            np.testing.assert_allclose(att.sum(1), 1.0, atol=0.01)
+            assert att.round(3).tolist() == p["attention"]  # 3 decimals
+            if overrides:
+                groups = p["groups"]
+                assert [(g["start"], g["end"]) for g in groups] == list(
+                    zip([0] + [g["end"] for g in groups[:-1]], [g["end"] for g in groups]))
+                assert groups[-1]["end"] == len(p["source"]) and len(groups) == 3
+                assert len(p["gate"]) == len(p["reply"])
+    if overrides:  # the About tab draws the groups as the chat's heatmap does
+        from chatbot import ui
+
+        fig = ui.epoch_figure(best, 0, 1)
+        assert {"기억 1", "기억 2"} <= {a.text.split(" ·")[0] for a in fig.layout.annotations}
+    last_epoch = load_checkpoint(tmp_path / "last")  # the last row: the replies of the last epoch's weights
+    bot = ChatBot(last_epoch, "cpu")
+    for p, reply in zip(rows[-1][PROBE_KEY], bot.reply_batch(list(ATTENTION_PROBES))):
+        assert p["reply"] == reply.reply_tokens and p["source"] == reply.source_tokens
+
+
+def test_a_model_without_attention_records_no_probe(tiny_corpus_csv, tmp_path):
+    from chatbot.train import PROBE_KEY
+
+    best = train_tiny(tiny_corpus_csv, tmp_path, **{"train.epochs": "1", "model.attention": "none"})
+    rows = read_metrics(best)
+    assert any("val_loss" in r for r in rows) and not any(PROBE_KEY in r for r in rows)

@@ -310,3 +310,103 @@ def test_one_topic_radio_serves_every_model(tiny_bot, tiny_topic_checkpoint):
     assert ui.topic_choices([tiny_bot, topic_bot]) == ui.topic_choices(topic_bot)
     assert ui.topic_choices(tiny_bot) == [("자동 auto", ui.TOPIC_AUTO)]
 
+
+
+class FakeTime:
+    """A clock that only moves when slept on (or when a test moves it): replays run at once."""
+
+    def __init__(self):
+        self.now, self.slept = 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_replay_redraws_a_turns_heatmap_row_by_row_at_the_chosen_pace(tiny_bot):
+    turns: list = []
+    for msg in [MSG, "주말에 뭐 하지"]:
+        *_, (_, final, turns) = ui.chat_stream(tiny_bot, msg, [], turns, **LONG)
+    reply = turns[0].reply
+    t = FakeTime()
+    frames = list(ui.replay(turns, 0, 0, 4, sleep=t.sleep, clock=t.clock))  # the first turn, 4 pieces a second
+    assert [len(f.data[0].z) for f in frames] == list(range(1, len(reply.reply_tokens) + 1))
+    for n, fig in enumerate(frames, 1):
+        assert ticks(fig, "y") == reply.reply_tokens[:n] and ticks(fig) == reply.source_tokens
+        np.testing.assert_allclose(fig.data[0].z, np.round(reply.attention[:n], 4))
+    assert frames[-1].to_plotly_json() == ui.turn_view(turns, 0).heatmap.to_plotly_json()  # ends on the finished one
+    assert t.slept == pytest.approx([0.25] * (len(frames) - 1)) and t.now == pytest.approx((len(frames) - 1) / 4)
+    last = list(ui.replay(turns, None, 0, 4, sleep=t.sleep, clock=t.clock))[-1]  # default: the last turn
+    assert last.to_plotly_json() == final.to_plotly_json()
+
+
+def test_replay_pace_is_bounded_and_a_slow_build_never_bunches_frames():
+    low, high, default = ui.REPLAY_PACE
+    assert [ui.replay_pace(p) for p in (0, -5, 1e9, float("nan"), float("inf"), None, "x", 2)] == [
+        low, low, high, default, default, default, default, 2.0]
+    reply = Reply("네 네 네", ["안녕"], ["네", "▁네", "▁네", "</s>"], np.ones((4, 1)))
+    t, frames = FakeTime(), []
+    for fig in ui.replay([ui.Turn("안녕", reply)], 0, 0, high, sleep=t.sleep, clock=t.clock):
+        frames.append(fig)
+        t.now += 1.0 if len(frames) == 1 else 0.0  # the first frame took a second to build and send
+    # behind time, the second frame goes at once; the rest keep the pace again (no burst to catch up)
+    assert len(frames) == 4 and t.slept == pytest.approx([1 / high] * 2)
+    t = FakeTime()
+    list(ui.replay([ui.Turn("안녕", reply)], 0, 0, 1e9, sleep=t.sleep, clock=t.clock))
+    assert t.slept == pytest.approx([1 / high] * 3)  # the fastest pace there is
+
+
+def test_replay_shows_the_chosen_hypothesis_and_once_what_cannot_grow(tiny_bot):
+    *_, (_, _, turns) = ui.chat_stream(tiny_bot, MSG, [], [], **ui.decoding_kwargs("beam", 3))
+    hyp = turns[0].reply.n_best[2]
+    frames = list(ui.replay(turns, 0, 2, 10, sleep=lambda s: None))
+    assert [ticks(f, "y") for f in frames] == [hyp.reply_tokens[:n] for n in range(1, len(hyp.reply_tokens) + 1)]
+    no_attention = Reply("네", ["안녕"], ["네", "</s>"], None, [[Candidate("네", 0.9)]] * 2)
+    (only,) = ui.replay([ui.Turn("안녕", no_attention)], 0, 0, 3, sleep=NoModel.stream)
+    assert only.layout.annotations[0].text.replace("<br>", " ") == ui.NO_ATTENTION_NOTE
+    (empty,) = ui.replay([], None, 0, 3, sleep=NoModel.stream)  # no turn yet: the placeholder, no waiting
+    assert not empty.data and empty.layout.annotations
+
+
+def test_a_long_messages_labels_are_turned_and_its_attention_row_gets_the_full_width():
+    src = [f"조각{i}" for i in range(48)]
+    reply = Reply("네", src, ["네", "</s>"], np.full((2, 48), 1 / 48), [[Candidate("네", 0.9)]] * 2)
+    heat, step = ui.reply_figure(reply), ui.step_figure(reply, 1)
+    assert ticks(heat) == src and heat.layout.xaxis.tickangle == -90  # every piece labelled, turned
+    assert [c[0] for c in heat.data[0].customdata[0]] == src  # and named in the hover (the page may hide labels)
+    assert [html.unescape(t) for t in step.layout.xaxis2.ticktext] == src and step.layout.xaxis2.tickangle == -90
+    assert step.layout.xaxis2.domain[1] - step.layout.xaxis2.domain[0] == 1.0  # under the candidates, not beside
+    assert step.layout.height > ui.step_figure(Reply("네", src[:5], ["네"], np.full((1, 5), 0.2),
+                                                     [[Candidate("네", 0.9)]]), 1).layout.height
+    short = ui.reply_figure(Reply("네", src[:ui.UPRIGHT_PIECES], ["네"], np.full((1, 12), 1 / 12)))
+    assert short.layout.xaxis.tickangle == 0  # a short message's labels stay upright
+
+
+def test_the_attention_of_each_epoch_and_a_note_for_a_checkpoint_trained_before_it_was_kept(tiny_checkpoint,
+                                                                                            tmp_path):
+    from chatbot.checkpoint import read_metrics
+    from chatbot.train import ATTENTION_PROBES, PROBE_KEY
+
+    epochs = ui.probe_epochs(tiny_checkpoint)
+    assert epochs == [r["epoch"] for r in read_metrics(tiny_checkpoint) if "val_loss" in r] and len(epochs) >= 2
+    assert ui.probe_messages(tiny_checkpoint) == list(ATTENTION_PROBES)
+    for k, message in enumerate(ATTENTION_PROBES):
+        first, last = (ui.epoch_figure(tiny_checkpoint, k, e) for e in (epochs[0], epochs[-1]))
+        assert first.layout.title.text == f"에폭 epoch {epochs[0]} / {epochs[-1]} · {message}"
+        assert last.layout.title.text.startswith(f"에폭 epoch {epochs[-1]} / ")
+        assert first.data[0].z != last.data[0].z  # the attention moved over training
+        entry = ui.probe_log(tiny_checkpoint)[epochs[-1]][k]
+        assert ticks(last) == entry["source"] and ticks(last, "y") == entry["reply"]  # attention_figure's axes
+    # a slider value between or past the recorded epochs shows the nearest one; bad input the last
+    assert ui.epoch_figure(tiny_checkpoint, 0, epochs[-1] + 5).layout.title.text.startswith(f"에폭 epoch {epochs[-1]} ")
+    assert ui.epoch_figure(tiny_checkpoint, 99, "x").layout.title.text.endswith(ATTENTION_PROBES[-1])
+    # the same log without the probes, as a checkpoint trained before they were kept has it
+    rows = [{k: v for k, v in r.items() if k != PROBE_KEY} for r in read_metrics(tiny_checkpoint)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    for old in (tmp_path, None):
+        assert ui.probe_epochs(old) == [] and ui.probe_messages(old) == []
+        note = ui.epoch_figure(old, 0, 1)
+        assert not note.data and "trained before" in note.layout.annotations[0].text.replace("<br>", " ")
