@@ -64,17 +64,19 @@ PAGE_JS = """() => {
       label.style.fill = on ? '#e6550d' : '';
       label.style.fontWeight = on ? 'bold' : '';
       label.classList.toggle('attended', on);
+      // a label thinned away for room is shown while it is attended: the column must read as its own piece
+      label.style.display = on || label.dataset.thinned !== '1' ? '' : 'none';
     });
   };
   const thinTicks = (plot) => {
     for (const axis of plot.querySelectorAll('.xaxislayer-above')) {
       const labels = [...axis.querySelectorAll('g[class$="tick"] > text')];  // xtick, x2tick, ...
-      labels.forEach((t) => { t.style.display = ''; });
+      labels.forEach((t) => { t.style.display = ''; t.dataset.thinned = ''; });
       const boxes = labels.map((t) => [t, t.getBoundingClientRect()]).filter(([, b]) => b.width > 0)
         .sort((a, b) => a[1].left + a[1].right - b[1].left - b[1].right);
       let kept = null;
       for (const [t, b] of boxes) {
-        if (kept && b.left < kept.right + 1) t.style.display = 'none';
+        if (kept && b.left < kept.right + 1) { t.style.display = 'none'; t.dataset.thinned = '1'; }
         else kept = b;
       }
     }
@@ -110,8 +112,10 @@ LENGTH_PLOT_TEXT = """### 질문이 길어지면 어텐션이 더 중요해질�
 질문 길이별로 비교했어요 (테스트 분할). (chrF of replies by question length on the test split: attention vs. the
 fixed-context baseline, the recall model, and the TF-IDF lookup it reads from.)"""
 INTRO = """# 한국어 어텐션 챗봇 · Korean attention seq2seq chatbot
-메시지를 보내면 답변이 한 조각씩 나타나고, 오른쪽 히트맵에 조각마다 한 행씩 어텐션이 그려집니다.
-(Replies stream piece by piece; the heatmap grows one row per piece.)"""
+메시지를 보내면 답변이 한 조각씩 나타나고, 히트맵(넓은 화면에서는 옆, 휴대폰에서는 아래)에 조각마다 한 행씩
+어텐션이 그려집니다. 답변 중에는 1초에 몇 번씩 갱신되고, ▶ 다시 보기로 한 행씩 원하는 속도로 다시 볼 수 있어요.
+(Replies stream piece by piece and the heatmap gets one row per piece, redrawn a few times a second while
+the reply streams; ▶ replay grows it again row by row at your pace.)"""
 
 
 def concurrency(threads: int = TORCH_THREADS) -> int:
@@ -302,11 +306,11 @@ def _attention_epochs(bot: ChatBot, i: int) -> None:
     heatmaps its training recorded (ui.epoch_figure), or a note where its checkpoint has no such log."""
     if not bot.has_attention:
         return
-    gr.Markdown(ui.EPOCHS_TEXT)
     epochs, messages = ui.probe_epochs(bot.path), ui.probe_messages(bot.path)
-    if not epochs:
-        gr.Plot(ui.epoch_figure(None), label="에폭별 어텐션 attention per epoch", elem_id=f"epoch-plot-{i}")
+    if not epochs:  # one line, not a promise of a slider that is not there
+        gr.Markdown(f"<small>에폭별 어텐션 attention per epoch: {ui.NO_PROBE_NOTE}</small>", elem_id=f"epoch-note-{i}")
         return
+    gr.Markdown(ui.EPOCHS_TEXT)
     with gr.Row():
         message = gr.Dropdown([(m, k) for k, m in enumerate(messages)], value=0, label="메시지 probe message",
                               interactive=True, elem_id=f"epoch-message-{i}", scale=3)

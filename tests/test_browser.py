@@ -392,9 +392,27 @@ def test_the_48_pieces_of_a_long_question_get_labels_that_do_not_overlap(shipped
         assert len(labels) >= 12, (width, labels)  # at least every 4th piece named ...
         it = iter(expected.source_tokens)
         assert all(label in it for label in labels), labels  # ... in the message's order
+    # hovering a row shows the labels of the pieces it attended to, even those thinned away for room
+    shown_attended = """() => [...document.querySelectorAll('#heatmap g.xtick text.attended')]
+      .map(t => [t.textContent, getComputedStyle(t).display !== 'none' && t.getBoundingClientRect().width > 0])"""
+    hidden_somewhere = False
+    page.locator("#heatmap").scroll_into_view_if_needed()
+    for k in range(min(4, len(expected.reply_tokens))):
+        cell = page.evaluate(CELL_CENTRE, [k, int(np.argmax(expected.attention[k]))])
+        page.mouse.move(cell["x"], cell["y"])
+        page.wait_for_function(f"() => ({shown_attended})().length > 0", timeout=10_000)
+        attended = page.evaluate(shown_attended)
+        assert all(visible for _, visible in attended), (width, k, attended)
+        hidden_somewhere |= any(t not in [label for label, _ in heat] for t, _ in attended)
+    page.mouse.move(5, 5)
+    page.wait_for_function(f"() => ({shown_attended})().length === 0", timeout=10_000)
+    (after,) = page.evaluate(SHOWN_TICKS, "heatmap")
+    assert overlapping([b for _, b in after]) == [], width  # thinned again once the pointer leaves
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"demo_long_question_{width}.png"), full_page=True)
     page.close()
+    if width == 420:
+        assert hidden_somewhere, "no attended label was a thinned one: the check above proved nothing"
 
 
 def test_a_replay_never_draws_over_another_heatmap(tiny_bot):
