@@ -307,15 +307,17 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
         x=list(range(len(cands))),
         y=[round(c.prob * (1 - (copies[i] if copies else 0.0)), 4) for i, c in enumerate(cands)],
         marker_color=["#1f77b4" if c.piece == chosen else "#9ecae1" for c in cands],
-        customdata=[literal(c.piece) for c in cands],
+        customdata=[literal(c.piece) for c in cands], name="생성 generated", showlegend=copies is not None,
         hovertemplate="%{customdata}: " + ("생성 generated " if copies else "") + "%{y:.3f}<extra></extra>"), 1, 1)
     if copies:  # a recall model: the copied share of each candidate on top, named by where it came from
         fig.add_trace(go.Bar(
             x=list(range(len(cands))), y=[round(c.prob * copies[i], 4) for i, c in enumerate(cands)],
             marker_color=["#e6550d" if c.piece == chosen else "#fdae6b" for c in cands],
-            customdata=[[literal(c.piece), c.source or "-"] for c in cands],
+            customdata=[[literal(c.piece), c.source or "-"] for c in cands], name="복사 copied", showlegend=True,
             hovertemplate="%{customdata[0]}: 복사 copied %{y:.3f} (%{customdata[1]})<extra></extra>"), 1, 1)
-        fig.update_layout(barmode="stack")
+        top_right = (fig.layout.xaxis.domain[1], fig.layout.yaxis.domain[1])  # of the candidates' panel
+        fig.update_layout(barmode="stack", legend=dict(x=top_right[0], y=top_right[1], xanchor="right", yanchor="top",
+                                                        bgcolor="rgba(255,255,255,0.8)", font=dict(size=11)))
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(cands))), ticktext=[literal(c.piece) for c in cands],
                      row=1, col=1)
     fig.update_yaxes(range=[0, 1], title=dict(text="확률 prob"), row=1, col=1)
@@ -323,10 +325,10 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
         row = np.asarray(reply.attention[t], dtype=float)
         src = [literal(p) for p in reply.source_tokens]
         fig.add_trace(go.Bar(x=list(range(len(src))), y=row.round(4).tolist(), marker_color="#31a354",
-                             customdata=src, hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"), *at)
+                             showlegend=False, customdata=src,
+                             hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"), *at)
         fig.update_xaxes(**source_ticks(reply.source_tokens), row=at[0], col=at[1])
         fig.update_yaxes(range=[0, 1], title=dict(text="가중치 weight"), row=at[0], col=at[1])
-    fig.update_layout(showlegend=False)
     return _layout(fig, f"선택된 조각 chosen: {literal(chosen)}", height=600 + LABEL_ROOM if stacked else 360,
                    top=90)
 

@@ -158,7 +158,7 @@ def test_reply_json_and_the_cli_carry_the_recall_fields(recall_checkpoint):
     assert set(line) >= {"recalled", "gate", "column_groups"} and len(line["attention"][0]) == len(line["source_tokens"])
 
 
-def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint):
+def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint, tiny_bot):
     """The UI function: one heatmap over every column, a line before each recall, each group named
     (a recall by its score and question), and the copy strip (1 - gate) beside it."""
     from chatbot import ui
@@ -176,7 +176,11 @@ def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint):
     assert [s.x0 for s in fig.layout.shapes] == [g.start - 0.5 for g in r.groups[1:]]
     status = ui.turn_view([ui.Turn("헤어진 지 한 달 됐어", r)]).status
     assert f"기억 {len(r.groups) - 1}개" in status and "복사 copied" in status
-    assert ui.step_figure(r, 1).layout.barmode == "stack"  # generated and copied parts of each candidate
+    step = ui.step_figure(r, 1)
+    assert step.layout.barmode == "stack"  # generated and copied parts of each candidate, named in a legend
+    assert [t.name for t in step.data if t.showlegend] == ["생성 generated", "복사 copied"]
+    assert step.data[2].showlegend is False  # the attention row needs no legend entry
+    assert not any(t.showlegend for t in ui.step_figure(tiny_bot.reply("헤어진 지 한 달 됐어"), 1).data)  # no recall
 
 
 CHROMIUM = "/usr/bin/chromium"
