@@ -193,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
+    _loadtest_parser(sub)
+    _publish_parser(sub)  # each its own function: build_parser is long enough
+    return parser
+
+
+def _download_parser(sub: Any) -> None:
+    p = sub.add_parser("download", help="download the public ChatbotData corpus")
+    p.add_argument("--url", default=None, help="corpus URL (default: the songys/Chatbot_data raw CSV)")
+    p.add_argument("--out", default=None, help="where to write it (default: $CHATBOT_DATA or data/ChatbotData.csv)")
+    p.add_argument("--max-bytes", type=_positive(int), default=50_000_000, metavar="N",
+                   help="refuse a body larger than this (default 50000000; the corpus is under 1 MB)")
+    p.add_argument("--deadline", type=_positive(float), default=120.0, metavar="SECONDS",
+                   help="give up when the whole download takes longer (default 120)")
+
+
+def _loadtest_parser(sub: Any) -> None:
     p = sub.add_parser("loadtest", help="concurrent /reply and streamed /chat users against the demo on 127.0.0.1",
                        description="Serve the demo in a child process on a free loopback port; for every N in "
                                    "--clients start N gradio_client users at once (N - 1 stream --requests long "
@@ -208,18 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="concurrency limit (default: the demo's)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take (default 60)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
-    _publish_parser(sub)  # its own function: build_parser is long enough
-    return parser
-
-
-def _download_parser(sub: Any) -> None:
-    p = sub.add_parser("download", help="download the public ChatbotData corpus")
-    p.add_argument("--url", default=None, help="corpus URL (default: the songys/Chatbot_data raw CSV)")
-    p.add_argument("--out", default=None, help="where to write it (default: $CHATBOT_DATA or data/ChatbotData.csv)")
-    p.add_argument("--max-bytes", type=_positive(int), default=50_000_000, metavar="N",
-                   help="refuse a body larger than this (default 50000000; the corpus is under 1 MB)")
-    p.add_argument("--deadline", type=_positive(float), default=120.0, metavar="SECONDS",
-                   help="give up when the whole download takes longer (default 120)")
 
 
 def _publish_parser(sub: Any) -> None:

@@ -33,6 +33,20 @@ def url(served):
     return served[1]
 
 
+def hold_at_gate(bot: ChatBot) -> threading.Event:
+    """Make every decoder step of ``bot`` wait until the returned event is set (at most 30 s a step, so a
+    test never hangs on a lost release): its requests hold their workers as long as a test needs."""
+    gate = threading.Event()
+
+    class Gated(type(bot.model)):
+        def step(self, *args, **kwargs):
+            gate.wait(30)
+            return super().step(*args, **kwargs)
+
+    bot.model.__class__ = Gated
+    return gate
+
+
 @pytest.mark.parametrize("clients", [1, 4, 16])
 def test_within_the_queue_bound_every_request_succeeds(url, clients):
     assert clients <= QUEUE_SIZE  # each user has one request in flight at a time
@@ -64,14 +78,7 @@ def test_a_crowd_of_streamed_chats_leaves_room_for_reply(tiny_checkpoint):
     from chatbot.demo import CHAT_QUEUE_SHARE
 
     free, held = (ChatBot.from_checkpoint(tiny_checkpoint, device="cpu") for _ in range(2))
-    gate = threading.Event()
-
-    class Gated(type(held.model)):
-        def step(self, *args, **kwargs):
-            gate.wait(30)  # bounded: the test never hangs on a lost release
-            return super().step(*args, **kwargs)
-
-    held.model.__class__ = Gated
+    gate = hold_at_gate(held)
     demo, url, _ = serve([], bots={"free": free, "held": held}, queue_size=8)
     share = max(1, int(8 * CHAT_QUEUE_SHARE))
     users = [client(url) for _ in range(share + 3)]
@@ -105,14 +112,7 @@ def test_past_the_queue_bound_clients_get_queue_full_and_the_server_recovers(tin
     from gradio_client.utils import QueueError
 
     bot = ChatBot.from_checkpoint(tiny_checkpoint, device="cpu")
-    gate = threading.Event()
-
-    class Gated(type(bot.model)):
-        def step(self, *args, **kwargs):
-            gate.wait(30)  # bounded: the test never hangs on a lost release
-            return super().step(*args, **kwargs)
-
-    bot.model.__class__ = Gated
+    gate = hold_at_gate(bot)
     demo, url, _ = serve([], bots={"tiny": bot}, queue_size=2, concurrency_limit=1)
     crowd = {}
     try:
