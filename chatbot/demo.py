@@ -219,7 +219,8 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                     api_btn = gr.Button("JSON 보기 Show JSON")
                     api_out = gr.JSON(label="reply JSON")
             with gr.Column(scale=6):
-                heatmap = gr.Plot(ui.reply_figure(None), label="어텐션 히트맵 attention heatmap", elem_id="heatmap")
+                heatmap = gr.Plot(ui.reply_figure(None), label="어텐션 히트맵 attention heatmap", elem_id="heatmap",
+                                  show_label=False)  # its badge covered the figure's top titles
                 status = gr.Markdown("", elem_id="status")
                 with gr.Row(equal_height=True):
                     turn_pick = gr.Dropdown([], value=None, label="이전 대화 보기 earlier turns", interactive=True,
@@ -230,7 +231,7 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                 step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector", visible=False,
                                  elem_id="step")  # shown once a reply has pieces to step through
                 step_plot = gr.Plot(ui.step_figure(None, 1), label="후보 확률과 어텐션 candidates & attention",
-                                    elem_id="step-plot")
+                                    elem_id="step-plot", show_label=False)  # the figure titles itself
                 gr.Markdown(ui.PIECES_LEGEND, elem_id="pieces-legend")
     return ChatTab(model, topic, chat, msg, send, stop, clear, pending, controls, api_msg, api_btn, api_out,
                    heatmap, status, turn_pick, replay, pace, nbest, step, step_plot)
@@ -316,7 +317,7 @@ def _attention_epochs(bot: ChatBot, i: int) -> None:
                               interactive=True, elem_id=f"epoch-message-{i}", scale=3)
         epoch = gr.Slider(epochs[0], max(epochs[-1], epochs[0] + 1), value=epochs[0], step=1, label="에폭 epoch",
                           elem_id=f"epoch-slider-{i}", scale=3, visible=len(epochs) > 1)  # one epoch: no slider
-    plot = gr.Plot(ui.epoch_figure(bot.path, 0, epochs[0]), label="에폭별 어텐션 attention per epoch",
+    plot = gr.Plot(ui.epoch_figure(bot.path, 0, epochs[0]), label="에폭별 어텐션 attention per epoch", show_label=False,
                    elem_id=f"epoch-plot-{i}")
 
     def show(k: int, e: float):
