@@ -417,7 +417,7 @@ def _select_hypothesis(session_turns: list, index: Any, evt: gr.SelectData):
 
 
 def _step(session_turns: list, index: Any, hyp: int, k: float):
-    return ui.step_figure(ui.hypothesis_reply(session_turns, index, hyp), int(k))
+    return ui.step_figure(ui.shown_reply(session_turns, index, hyp), int(k))
 
 
 def _clear():

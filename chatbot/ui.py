@@ -568,13 +568,6 @@ def turn_view(turns: Sequence[Turn] | None, index: Any = None, hypothesis: int =
                     step_figure(reply, len(reply.reply_tokens)), status)
 
 
-def hypothesis_reply(turns: Sequence[Turn] | None, index: Any, hypothesis: int) -> Reply | None:
-    reply = _turn_reply(turns, index)
-    if reply is not None and reply.n_best and 0 <= hypothesis < len(reply.n_best):
-        return reply.n_best[hypothesis]
-    return reply
-
-
 def replay_pace(pace: Any) -> float:
     """The replay's pace in pieces per second, clamped into REPLAY_PACE's range; anything that is not a
     finite number (an API client's None, NaN, text) takes its default."""

@@ -211,7 +211,7 @@ def test_beam_nbest_table_and_each_hypothesis_has_its_heatmap(tiny_bot):
     hyp = turns[0].reply.n_best[2]
     second = ui.turn_view(turns, 0, hypothesis=2)
     assert len(second.heatmap.data[0].z) == len(hyp.reply_tokens) == second.steps
-    assert ui.hypothesis_reply(turns, 0, 2) is hyp
+    assert ui.shown_reply(turns, 0, 2) is hyp
 
 
 def test_no_turn_has_no_steps_to_inspect(tiny_bot):
