@@ -306,6 +306,10 @@ def _read_weights(path: Path, config: Config) -> dict[str, torch.Tensor]:
     except (ValueError, TypeError, RuntimeError, OverflowError) as e:
         raise CheckpointError(f"{path / CONFIG} describes a model that cannot be built "
                               f"({type(e).__name__}: {str(e)[:160]})") from None
+    if "continuation_all" in expected and "continuation_all" not in state and "continuation.weight" in state:
+        # A recall model saved before the shared continuation weight c existed (eighth session): c = 0
+        # gives exactly its bias u[y], so it replies as it did.
+        state["continuation_all"] = torch.zeros((), dtype=state["continuation.weight"].dtype)
     missing = [k for k in expected if k not in state and not _is_alias(expected, k, state)]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
@@ -392,7 +396,7 @@ def model_card(config: Config, meta: dict[str, Any]) -> str:
            "character 1-3-grams, `recall.safetensors`), each as question </s> answer through the same "
            "encoder with its rank and score; one softmax over message and recalls, and a copy gate: "
            "p(y) = g * softmax(W h~)[y] + (1 - g) * (attention on the positions holding y) (See et al., 2017); "
-           "each position that follows the piece just written gets a learned score bonus (continuation)."]
+           "each position that follows the piece just written gets a learned score bonus c + u[piece] (continuation)."]
           if m.recall_k else []),
         f"- Tokenizer: sentencepiece {config.tokenizer.model_type}, {m.vocab_size} pieces"
         f"{', konlpy Okt morphemes first' if config.tokenizer.morphemes else ''}; NFC normalisation.",

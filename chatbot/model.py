@@ -22,9 +22,12 @@ attention runs over [message ; recall 1 ; … ; recall K] with **one** softmax, 
     p(y_t) = g_t · softmax(W_s h̃_t)[y_t] + (1 − g_t) · Σ_{s: x_s = y_t} a_t(s),
     g_t = σ(w_g · [c_t; h_t; e(y_{t−1})] + b_g)
 
-Before that softmax each position's score gets a continuation bias u[y_{t−1}] where the position
-follows the piece just written in its own text (x_{s−1} = y_{t−1}): one learned weight per piece, so a
-copy that has begun can go on in the same recall instead of splicing pieces from several.
+Before that softmax each position's score gets a continuation bias c + u[y_{t−1}] where the position
+follows the piece just written in its own text (x_{s−1} = y_{t−1}): c shared, u one learned weight per
+piece, so a copy that has begun can go on in the same recall instead of splicing pieces from several.
+c starts at CONTINUATION_INIT, not 0: teacher forcing always feeds the reference's previous piece, so
+training never shows the splices that a weak bias lets through at decoding, and c learned from 0
+only reaches about 0.25 (docs/experiments.md, ninth session).
 
 Message and recalls share one sentencepiece vocabulary, so copying is a ``scatter_add`` of the
 attention weights onto the piece ids (no extended vocabulary). Such a model returns ``log p`` where
@@ -41,6 +44,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .attention import build_attention
 from .config import EOS_ID, PAD_ID, ModelConfig
+
+CONTINUATION_INIT = 2.0  # c's start; measured against 0 and 4 (docs/experiments.md, ninth session)
 
 State = Tensor | tuple[Tensor, Tensor]  # GRU: h (L, B, H); LSTM: (h, c)
 
@@ -192,9 +197,10 @@ class Seq2Seq(nn.Module):
             self.rank_embedding = nn.Embedding(cfg.recall_k, E)  # which recall slot (1st, 2nd, ...)
             self.score_proj = nn.Linear(1, E, bias=False)  # how similar its question is to the message
             self.copy_gate = nn.Linear(2 * H + E, 1)  # g_t = σ(w_g · [c_t; h_t; e(y_{t-1})] + b_g)
-            # Continuation: score(t, s) += u[y_{t-1}] where position s follows the piece y_{t-1} in its text,
-            # so a copy, once begun, can go on in the same recall (one learned weight per piece).
+            # Continuation: score(t, s) += c + u[y_{t-1}] where position s follows the piece y_{t-1} in its
+            # text, so a copy, once begun, can go on in the same recall (c shared, u one weight per piece).
             self.continuation = nn.Embedding(cfg.vocab_size, 1)
+            self.continuation_all = nn.Parameter(torch.zeros(()))  # c
         self._init()
 
     def _init(self) -> None:
@@ -208,7 +214,8 @@ class Seq2Seq(nn.Module):
             nn.init.normal_(self.encoder.topic_embedding.weight, std=self.cfg.emb_dim ** -0.5)
         if self.copies:  # slot vectors at a piece vector's scale, for the same reason
             nn.init.normal_(self.rank_embedding.weight, std=self.cfg.emb_dim ** -0.5)
-            nn.init.zeros_(self.continuation.weight)  # no preference until learned
+            nn.init.zeros_(self.continuation.weight)  # no preference of its own until learned
+            nn.init.constant_(self.continuation_all, CONTINUATION_INIT)
 
     # ------------------------------------------------------------------ encoder
     def encode(self, src: Tensor, src_len: Tensor, topic: Tensor | None = None,
@@ -270,13 +277,13 @@ class Seq2Seq(nn.Module):
     def _attend(self, query: Tensor, memory: Memory, prev: Tensor) -> tuple[Tensor, Tensor]:
         """The attention over ``memory`` for decoder queries (B, T, H) that read the pieces ``prev`` (B, T).
 
-        A recall model adds the continuation bias u[y_{t-1}] to the score of every position that follows
+        A recall model adds the continuation bias c + u[y_{t-1}] to the score of every position that follows
         y_{t-1} in its own text (message or recall slot): a copy, once begun, may go on where it is.
         """
         bias = None
         if self.copies:
             follows = (prev.unsqueeze(-1) == memory.follows.unsqueeze(1)) & (prev != PAD_ID).unsqueeze(-1)
-            bias = follows * self.continuation(prev)  # (B, T, S); follows is PAD where nothing precedes
+            bias = follows * (self.continuation(prev) + self.continuation_all)  # (B, T, S); PAD follows nothing
         return self.attention(query, memory.keys, memory.values, memory.mask, bias)
 
     def _features(self, h: Tensor, context: Tensor | None, positions: Tensor | None = None) -> Tensor:

@@ -704,15 +704,15 @@ orange strip beside the heatmap is $1 - g_t$, the copied share.)
 $$g_t = \sigma\big(w_g^\top [c_t; h_t; e(y_{t-1})] + b_g\big) \qquad p(y_t) = g_t\, \mathrm{softmax}(W_s \tilde h_t)_{y_t} + (1 - g_t) \sum_{s:\, x_s = y_t} a_t(s)$$
 
 **이어 읽기 continuation** — 방금 쓴 조각 $y_{t-1}$ 바로 다음 자리(같은 글 안에서 $x_{s-1} = y_{t-1}$)의 어텐션 점수에
-조각마다 배운 값 $u_{y_{t-1}}$ 을 더합니다. 한 기억을 베끼기 시작했으면 그 자리에서 이어 가게 해, 여러 기억의 조각을
-이어 붙인 어색한 문장을 줄입니다. 학습 때는 기억의 답변이 정답과 똑같으면 $t$번째 조각을 만들 때 그 답변의 $t$번째
+모든 조각이 함께 쓰는 값 $c$ 와 조각마다 배운 값 $u_{y_{t-1}}$ 을 더합니다. 한 기억을 베끼기 시작했으면 그 자리에서
+이어 가게 해, 여러 기억의 조각을 이어 붙인 어색한 문장을 줄입니다. 학습 때는 기억의 답변이 정답과 똑같으면 $t$번째 조각을 만들 때 그 답변의 $t$번째
 조각을 보도록 가르칩니다 (guided alignment).
 (Before the softmax, every position that follows the piece just written in its own text gets a learned
-bonus $u_{y_{t-1}}$, so a copy that has begun goes on in the same recall instead of splicing pieces from
-several. In training, where a recalled answer is the whole target answer, step $t$ is taught to look at its
+bonus $c + u_{y_{t-1}}$ ($c$ shared, $u$ per piece), so a copy that has begun goes on in the same recall
+instead of splicing pieces from several. In training, where a recalled answer is the whole target answer, step $t$ is taught to look at its
 $t$-th piece.)
 
-$$e_t(s) = h_t^\top W_a \bar h_s + u_{y_{t-1}} [x_{s-1} = y_{t-1}] \qquad a_t = \mathrm{softmax}(e_t)$$
+$$e_t(s) = h_t^\top W_a \bar h_s + (c + u_{y_{t-1}}) [x_{s-1} = y_{t-1}] \qquad a_t = \mathrm{softmax}(e_t)$$
 
 답변은 언제나 디코더가 한 조각씩 만듭니다: 저장된 답을 그대로 돌려주지 않고, 복사도 조각 단위의 선택입니다.
 (The decoder still writes every reply piece by piece: copying is a per-piece choice, never a stored answer

@@ -144,6 +144,37 @@ def test_training_saves_the_index_and_serving_recalls_from_it(recall_checkpoint,
         ChatBot.from_checkpoint(again, device="cpu")
 
 
+def test_a_recall_checkpoint_saved_before_the_shared_continuation_weight_replies_as_with_c_zero(
+        recall_checkpoint, tmp_path):
+    """Eighth-session recall checkpoints have u but no shared c: they load, with c = 0 (their own bias)."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from chatbot.checkpoint import load_checkpoint, save_checkpoint
+    from chatbot.inference import ChatBot
+
+    ck = load_checkpoint(recall_checkpoint)
+    with torch.no_grad():
+        ck.model.continuation_all.zero_()
+    zero = save_checkpoint(tmp_path / "c0", ck.model, ck.tokenizer, ck.config, meta=ck.meta, recall=ck.recall_index)
+    old = tmp_path / "old"
+    shutil.copytree(zero, old)
+    weights = load_file(str(old / "model.safetensors"))
+    del weights["continuation_all"]
+    save_file(weights, str(old / "model.safetensors"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    data = (old / "model.safetensors").read_bytes()
+    manifest["model.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    bot_old, bot_zero = ChatBot.from_checkpoint(old, device="cpu"), ChatBot.from_checkpoint(zero, device="cpu")
+    assert bot_old.model.continuation_all.item() == 0.0
+    for text in ("헤어진 지 한 달 됐어", "오늘 날씨 좋다"):
+        a, b = bot_old.reply(text), bot_zero.reply(text)
+        assert a.text == b.text and np.array_equal(a.attention, b.attention)
+
+
 def test_reply_json_and_the_cli_carry_the_recall_fields(recall_checkpoint):
     from chatbot import ui
     from chatbot.inference import ChatBot
@@ -246,21 +277,29 @@ def test_evaluate_reads_a_recall_models_recalls_and_its_probe_sees_the_message(r
     assert oracle["top1"] <= oracle["top3"] <= oracle["top5"]
 
 
-def test_the_continuation_bias_starts_at_zero_and_points_past_the_piece_just_written():
-    """u[y_{t-1}] is added to the score of each position that follows y_{t-1} in its own text (message or
-    slot): zero at init (no effect), and once large, the attention goes to the piece after the one copied."""
+def test_the_continuation_bias_points_past_the_piece_just_written():
+    """c + u[y_{t-1}] is added to the score of each position that follows y_{t-1} in its own text (message
+    or slot): c (shared) starts at CONTINUATION_INIT, u (per piece) at zero; once large, the attention goes
+    to the piece after the one copied, and only there."""
+    from chatbot.model import CONTINUATION_INIT
     model = tiny()
     src, src_len, tgt_in, recall = batch()
-    assert not model.continuation.weight.any()
+    assert not model.continuation.weight.any() and model.continuation_all.item() == CONTINUATION_INIT > 0
     assert not hasattr(build_model(ModelConfig(vocab_size=V, emb_dim=8, hidden_dim=12)), "continuation")
-    with torch.no_grad():
-        _, base = model(src, src_len, tgt_in, recall=recall)
-        model.continuation.weight[13] = 30.0  # after writing 13, continue where 13 is followed
-        _, w = model(src, src_len, tgt_in, recall=recall)
     S = src.size(1)
-    follows_13 = S + 4  # slot 0 of message 0: 11 12 </s> 13 [14]
-    assert torch.equal(base[:, 0], w[:, 0]) and torch.equal(base[1], w[1])  # <s> read, or no 13 in the memory
-    assert w[0, 1].argmax() == follows_13 and w[0, 1, follows_13] > 0.99
+    follows_13, follows_20 = S + 4, S + 4  # message 0's slot 0: 11 12 </s> 13 [14]; message 1's: 18 19 </s> 20 [21]
+    with torch.no_grad():
+        model.continuation_all.zero_()
+        _, base = model(src, src_len, tgt_in, recall=recall)
+        model.continuation.weight[13] = 30.0  # u alone: after writing 13, continue where 13 is followed
+        _, w = model(src, src_len, tgt_in, recall=recall)
+        assert torch.equal(base[:, 0], w[:, 0]) and torch.equal(base[1], w[1])  # <s> read, or no 13 in the memory
+        assert w[0, 1].argmax() == follows_13 and w[0, 1, follows_13] > 0.99
+        model.continuation.weight.zero_()
+        model.continuation_all.fill_(30.0)  # c: after any piece
+        _, w = model(src, src_len, tgt_in, recall=recall)
+    assert torch.equal(base[:, 0], w[:, 0])  # <s> follows nothing
+    assert w[0, 1].argmax() == follows_13 and w[1, 1].argmax() == follows_20 and w[1, 1, follows_20] > 0.99
     np.testing.assert_allclose(w.sum(-1).numpy(), 1.0, atol=1e-5)
 
 
