@@ -138,18 +138,25 @@ class Encoder(nn.Module):
                 extra: Tensor | None = None) -> tuple[Tensor, State]:
         """src (B, S), src_len (B,), topic (B,) or None, extra (B, E) or None (a vector added to every
         piece: a recall slot's rank and score) -> outputs (B, S, H), final states."""
+        return self.run(self.embed(src, topic, extra), src_len)
+
+    def embed(self, src: Tensor, topic: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+        """The RNN's input (B, S, E): piece vectors (+ topic vector) (+ ``extra``), dropout."""
         x = self.embedding(src)  # (B, S, E)
         if self.topic_embedding is not None and topic is not None:
             x = x + self.topic_embedding(topic).unsqueeze(1)
         if extra is not None:
             x = x + extra.unsqueeze(1)
-        x = self.dropout(x)
+        return self.dropout(x)
+
+    def run(self, x: Tensor, src_len: Tensor) -> tuple[Tensor, State]:
+        """x (B, S, E) from :meth:`embed`, src_len (B,) -> outputs (B, S, H), final states."""
         lengths = src_len.cpu()
-        if bool((lengths == src.size(1)).all()):  # no padding (e.g. one message): packing buys nothing
+        if bool((lengths == x.size(1)).all()):  # no padding (e.g. one message): packing buys nothing
             return self.rnn(x)
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, final = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, H)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))  # (B, S, H)
         return out, final
 
 
@@ -229,13 +236,22 @@ class Seq2Seq(nn.Module):
             return self.encode_message(src, src_len, topic)
         if recall is None:
             raise ValueError("this model reads recalled training pairs (model.recall_k > 0): pass recall")
-        values, final = self.encoder(src, src_len, topic)
-        rec_values, rec_mask, rec_ids = self._encode_recall(recall)
-        values = torch.cat([values, rec_values], 1)  # (B, S + K·L, H)
+        # Message and slots through the shared encoder in one RNN call (B + B·K sequences, packed).
+        B, K, L = recall.ids.shape
+        S = src.size(1)
+        M = max(S, L)
+        x = torch.cat([F.pad(self.encoder.embed(src, topic), (0, 0, 0, M - S)),
+                       F.pad(self.encoder.embed(recall.ids.reshape(B * K, L), extra=self._slot_vectors(recall)),
+                             (0, 0, 0, M - L))])  # (B + B·K, M, E)
+        out, final = self.encoder.run(x, torch.cat([src_len, recall.lengths.reshape(B * K)]))
+        values = torch.cat([out[:B, :S], out[B:, :L].reshape(B, K * L, -1)], 1)  # (B, S + K·L, H)
         keys = self.attention.project_keys(values)
+        rec_ids = recall.ids.reshape(B, K * L)
+        # The separator </s> is read, never copied (copying it would end the reply): PAD is banned anyway.
+        copy_ids = torch.cat([src, rec_ids.masked_fill(rec_ids == EOS_ID, PAD_ID)], 1)
         follows = torch.cat([_follows(src), _follows(recall.ids).flatten(1)], 1)  # within each text
-        return Memory(values, keys, torch.cat([src != PAD_ID, rec_mask], 1), self.bridge(final),
-                      torch.cat([src, rec_ids], 1), follows)
+        return Memory(values, keys, torch.cat([src, rec_ids], 1) != PAD_ID,
+                      self.bridge(select_state(final, torch.arange(B, device=src.device))), copy_ids, follows)
 
     def encode_message(self, src: Tensor, src_len: Tensor, topic: Tensor | None = None) -> Memory:
         """The message alone -> Memory (B, S): all a model without recall reads; for a recall model, what
@@ -244,16 +260,11 @@ class Seq2Seq(nn.Module):
         keys = self.attention.project_keys(values) if self.attention is not None else values
         return Memory(values, keys, src != PAD_ID, self.bridge(final))
 
-    def _encode_recall(self, recall: RecallInput) -> tuple[Tensor, Tensor, Tensor]:
-        """The recall slots through the shared encoder -> values (B, K·L, H), mask (B, K·L), copy ids (B, K·L)."""
-        B, K, L = recall.ids.shape
+    def _slot_vectors(self, recall: RecallInput) -> Tensor:
+        """What marks each recall slot, added to every piece it holds: rank vector + projected score (B·K, E)."""
+        B, K, _ = recall.ids.shape
         rank = self.rank_embedding(torch.arange(K, device=recall.ids.device)).unsqueeze(0)  # (1, K, E)
-        extra = rank + self.score_proj(recall.scores.unsqueeze(-1).to(rank.dtype))  # (B, K, E)
-        out, _ = self.encoder(recall.ids.reshape(B * K, L), recall.lengths.reshape(B * K),
-                              extra=extra.reshape(B * K, -1))  # (B·K, L, H)
-        ids = recall.ids.reshape(B, K * L)
-        # The separator </s> is read, never copied (copying it would end the reply): PAD is banned anyway.
-        return out.reshape(B, K * L, -1), ids != PAD_ID, ids.masked_fill(ids == EOS_ID, PAD_ID)
+        return (rank + self.score_proj(recall.scores.unsqueeze(-1).to(rank.dtype))).reshape(B * K, -1)
 
     def _mixture(self, x: Tensor, gate_in: Tensor, weights: Tensor, copy_ids: Tensor, smoothing: bool = True
                  ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -262,16 +273,17 @@ class Seq2Seq(nn.Module):
         the vocabulary of the generator's log q (N,) (label smoothing's term, see :meth:`forward`; None
         unless ``smoothing``)."""
         gate = torch.sigmoid(self.copy_gate(gate_in).float()).squeeze(-1)  # (N,)
+        g = gate.unsqueeze(-1)
+        if not torch.is_grad_enabled() and not smoothing:
+            # Decoding: the same sum in place, copy mass added where it lands (no (N, V) copy tensor).
+            p = torch.softmax(self.out(x).float(), dim=-1).mul_(g)
+            p.scatter_add_(1, copy_ids, weights.float() * (1 - g))
+            return p.clamp_min_(1e-12).log_(), gate, None
         log_vocab = torch.log_softmax(self.out(x).float(), dim=-1)  # (N, V)
         copy = torch.zeros_like(log_vocab).scatter_add_(1, copy_ids, weights.float())  # (N, V)
         mean_log_vocab = log_vocab.mean(-1) if smoothing else None
-        g = gate.unsqueeze(-1)
-        if torch.is_grad_enabled():
-            p = g * log_vocab.exp() + (1 - g) * copy
-            return torch.log(p.clamp_min(1e-12)), gate, mean_log_vocab
-        # Decoding: the same arithmetic, in place (no autograd to keep the (N, V) intermediates for).
-        p = log_vocab.exp_().mul_(g).add_(copy.mul_(1 - g))
-        return p.clamp_min_(1e-12).log_(), gate, mean_log_vocab
+        p = g * log_vocab.exp() + (1 - g) * copy
+        return torch.log(p.clamp_min(1e-12)), gate, mean_log_vocab
 
     # ------------------------------------------------------------------ decoder
     def _attend(self, query: Tensor, memory: Memory, prev: Tensor) -> tuple[Tensor, Tensor]:
