@@ -15,7 +15,8 @@ Decoders, chosen by ``ModelConfig.attention``:
 
 Recall (``model.recall_k = K > 0``, Luong attention only): the decoder also reads K training pairs
 recalled for the message (:mod:`chatbot.recall`), each slot its question, ``</s>``, its answer,
-encoded by the same encoder with a rank vector and its recall score added to every piece. The
+encoded by the same encoder with a rank vector and its recall score added to every piece (message
+and slots in one packed encoder call). The
 attention runs over [message ; recall 1 ; … ; recall K] with **one** softmax, and a copy gate
 (See et al., 2017) mixes generating with copying the attended pieces:
 
