@@ -35,6 +35,7 @@ THEME_FONT = ["NanumGothic", "Noto Sans KR", "Malgun Gothic", "Apple SD Gothic N
 CSS = """
 #heatmap, #step-plot { min-height: 240px; }
 .gradio-container { max-width: 1400px !important; }
+.katex-display { overflow-x: auto; overflow-y: hidden; padding-bottom: 2px; }
 """
 # Run once when the page loads (launch's js=); every change to the page (re)attaches plotly listeners to each
 # plot (a plot's div may be re-created; removing a listener first keeps it attached once):
@@ -79,6 +80,32 @@ PAGE_JS = """() => {
         if (kept && b.left < kept.right + 1) { t.style.display = 'none'; t.dataset.thinned = '1'; }
         else kept = b;
       }
+    }
+    // a recall model's group names (메시지 | 기억 1 · score / question | ...): where two would overlap, every
+    // name drops its question line (still in the name's hover), then, if need be, its score
+    const all = [...plot.querySelectorAll('g.annotation')];
+    const names = all.some((a) => a.textContent.startsWith('메시지')) ? all : [];
+    const lines = (a) => {  // a one-line name has no tspan of its own
+      const l = [...a.querySelectorAll('text.annotation-text tspan.line')];
+      return l.length ? l : [...a.querySelectorAll('text.annotation-text')];
+    };
+    const crowded = () => {  // the boxes of the lines that show (a name's background box keeps its first size)
+      const boxes = names.map((a) => lines(a).filter((l) => l.style.display !== 'none')
+        .map((l) => l.getBoundingClientRect()).reduce((u, b) => ({left: Math.min(u.left, b.left),
+          right: Math.max(u.right, b.right), width: u.width + b.width}), {left: Infinity, right: -Infinity, width: 0}))
+        .filter((b) => b.width > 0).sort((a, b) => a.left - b.left);
+      return boxes.some((b, i) => i > 0 && b.left < boxes[i - 1].right + 2);
+    };
+    names.forEach((a) => lines(a).forEach((l) => {
+      l.style.display = '';
+      if (l.dataset.full) l.textContent = l.dataset.full;
+    }));
+    if (names.length > 1 && crowded()) {
+      names.forEach((a) => lines(a).slice(1).forEach((l) => { l.style.display = 'none'; }));
+      if (crowded()) names.forEach((a) => lines(a).slice(0, 1).forEach((l) => {
+        if (!l.dataset.full) l.dataset.full = l.textContent;
+        l.textContent = l.dataset.full.split(' · ')[0];
+      }));
     }
   };
   const listen = (plot, name, fn) => { plot.removeListener(name, fn); plot.on(name, fn); };

@@ -108,6 +108,7 @@ class Reply:
     topic: TopicChoice | None = None  # the topic the encoder read (models with model.num_topics > 0)
     groups: list[ColumnGroup] = field(default_factory=list)  # recall models: message, recall 1..K columns
     gate: np.ndarray | None = None  # (len(reply_tokens),) recall models: g_t, the share generated (1 - copied)
+    finished: bool = True  # False: the reply stopped at the length limit (max_len) before writing </s>
 
     @property
     def message_tokens(self) -> list[str]:
@@ -129,6 +130,7 @@ class Reply:
             "attention": [] if self.attention is None else [[round(float(x), 5) for x in row] for row in self.attention],
             "score": self.score,
             "truncated": self.truncated,
+            "finished": self.finished,
             "generated": self.generated,
             "n_best": [{"reply": h.text, "score": h.score} for h in self.n_best],
             "topic": t and t.name, "topic_id": t and t.label, "topic_source": t and t.source,
@@ -309,14 +311,16 @@ class ChatBot:
         return out
 
     def _to_reply(self, h: Hypothesis, message: EncodedMessage, topic: TopicChoice | None,
-                  columns: Columns | None = None) -> Reply:
+                  columns: Columns | None = None, max_len: int | None = None) -> Reply:
         source_ids = message.ids if columns is None else columns.ids.tolist()
         return Reply(
             text=self.tokenizer.decode(h.tokens), source_tokens=self._pieces(source_ids),
             reply_tokens=self._pieces(h.tokens), attention=h.attention,
             candidates=self._candidate_steps(h.topk_ids, h.topk_probs, h.attention, h.gate, columns),
             score=h.norm_score, truncated=message.truncated, topic=topic,
-            groups=[] if columns is None else columns.groups, gate=h.gate)
+            groups=[] if columns is None else columns.groups, gate=h.gate,
+            # decoding forces </s> after max_len pieces: a reply that long did not end by itself
+            finished=h.finished and (max_len is None or len(h.tokens) < max_len))
 
     # ------------------------------------------------------------------ recall (model.recall_k > 0)
     def recall(self, messages: list[EncodedMessage]) -> tuple[RecallInput | None, list[Columns | None]]:
@@ -362,7 +366,7 @@ class ChatBot:
         with torch.inference_mode():
             results = decode(self.model, src, src_len, opts, topic_ids, recall)
         for k, (i, hyps) in enumerate(zip(live, results)):
-            replies = [self._to_reply(h, messages[i], topics and topics[k], columns[k]) for h in hyps]
+            replies = [self._to_reply(h, messages[i], topics and topics[k], columns[k], opts.max_len) for h in hyps]
             best = replies[0]
             if opts.strategy == "beam":
                 best.n_best = replies
@@ -385,8 +389,8 @@ class ChatBot:
         if opts.strategy == "beam":
             with torch.inference_mode():
                 hyps = beam_search(self.model, src, src_len, opts, topic_ids, recall)
-            full = self._to_reply(hyps[0], message, choice, columns)
-            full.n_best = [self._to_reply(h, message, choice, columns) for h in hyps]
+            full = self._to_reply(hyps[0], message, choice, columns, opts.max_len)
+            full.n_best = [self._to_reply(h, message, choice, columns, opts.max_len) for h in hyps]
             yield from self._replay(full, hyps[0].tokens)
             return
         yield from self._stream_live(src, src_len, topic_ids, message, choice, opts, recall, columns)
@@ -421,6 +425,7 @@ class ChatBot:
                          groups=[] if columns is None else columns.groups,
                          gate=np.array(gates, dtype=np.float32) if columns is not None else None)
 
+        ended = False  # </s> written (else the reply stops at max_len)
         with torch.inference_mode():  # not held across yields: a server may resume us on another thread
             memory = self.model.encode(src, src_len, topic_ids, recall)
         real = memory.mask[0].cpu().numpy()  # recall slots are padded: the heatmap shows real pieces only
@@ -428,6 +433,7 @@ class ChatBot:
             tok = int(step.tokens[0])
             score += float(step.logprob[0])
             if tok == EOS_ID:
+                ended = len(tokens) < opts.max_len  # at max_len, decoding forced the </s>
                 break
             tokens.append(tok)
             pieces += self._pieces([tok])
@@ -441,6 +447,7 @@ class ChatBot:
                                           row, gate, columns))
             yield StreamStep(pieces[-1], row, cands[-1], reply_so_far())
         final = reply_so_far()
+        final.finished = ended
         if not self.has_attention or not rows:
             final.attention = None if not self.has_attention else np.zeros((0, len(source_tokens)), np.float32)
         yield StreamStep(None, None, [], final, done=True)

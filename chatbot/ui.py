@@ -39,7 +39,8 @@ TOPIC_HELP = ("이 모델은 질문과 함께 주제(말뭉치의 label)를 읽�
               "같은 메시지를 주제만 바꿔 보내 보세요. (This model reads a topic; auto predicts it.)")
 EMPTY_REPLY = Reply(EMPTY_PROMPT, [], [], None, generated=False)  # what ChatBot.reply gives for "", without the call
 THINKING_NOTE = "생각하는 중… (thinking)"
-PIECES_LEGEND = "`·` = 띄어쓰기 (space) · `</s>` = 답변 끝 (end of reply)"  # under the step inspector
+PIECES_LEGEND = ("`·` = 띄어쓰기 (space) · `</s>` = 답변 끝 (end of reply); 기억 열에서는 질문과 답변 사이 "
+                 "(in a recall's columns: between its question and its answer)")  # under the step inspector
 MODEL_LABEL = "<small>— {}</small>"  # an assistant turn's last line: the model that answered
 FIGURE_INTERVAL = 0.25  # seconds between two heatmaps of a streaming reply; its text goes every piece
 FIGURE_SHARE = 4.0  # ... and at least this many times as long as the last heatmap took to build
@@ -120,6 +121,14 @@ def truncated_note(reply: Reply) -> str:
     n, chars = len(reply.message_tokens), reply.source_chars
     return (f"(메시지가 길어서 앞 {n}조각 ≈ {chars}자만 읽었어요. / "
             f"The model read the first {n} pieces, about {chars} characters.)")
+
+
+def unfinished_note(reply: Reply) -> str:
+    """A reply cut at the length limit (no </s>: often a loop), or "" for one that ended itself."""
+    if reply.finished or not reply.generated:
+        return ""
+    return (f"(최대 길이 {len(reply.reply_tokens)}조각에서 멈췄어요: 답변이 스스로 끝나지 않았어요. / Stopped at the "
+            f"length limit of {len(reply.reply_tokens)} pieces: the reply did not end by itself.)")
 
 
 # the demo's decoding controls, in the order its callbacks (and the API endpoints) take them
@@ -209,15 +218,17 @@ def note_figure(text: str, width: int = 30) -> go.Figure:
 
 def attention_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str],
                      attention: np.ndarray | None, title: str | None = None,
-                     groups: Sequence[ColumnGroup] = (), gate: np.ndarray | None = None) -> go.Figure:
+                     groups: Sequence[ColumnGroup] = (), gate: np.ndarray | None = None,
+                     pieces_copied: Sequence[tuple[float | None, str | None]] | None = None) -> go.Figure:
     """Heatmap of ``attention`` (len(reply_tokens), len(source_tokens)): reply pieces down, source across.
 
     Axes use integer positions with tick labels, so a piece that occurs twice keeps two columns.
     A recall model's columns come in ``groups`` (메시지 | 기억 1 | …, each recall named by its question
-    and score above its columns), and ``gate`` adds a strip: how much of each piece was copied.
+    and score above its columns), and a strip beside them says how much of each piece was copied:
+    ``pieces_copied`` (:func:`pieces_copied`), else the gate's copy weight 1 - ``gate``.
     """
     if groups and attention is not None and reply_tokens:
-        return recall_figure(source_tokens, reply_tokens, attention, groups, gate, title)
+        return recall_figure(source_tokens, reply_tokens, attention, groups, gate, title, pieces_copied)
     if attention is None:
         return note_figure(NO_ATTENTION_NOTE)
     if not reply_tokens or not source_tokens:
@@ -238,9 +249,11 @@ def attention_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str],
 
 
 def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], attention: np.ndarray,
-                  groups: Sequence[ColumnGroup], gate: np.ndarray | None, title: str | None = None) -> go.Figure:
+                  groups: Sequence[ColumnGroup], gate: np.ndarray | None, title: str | None = None,
+                  pieces_copied: Sequence[tuple[float | None, str | None]] | None = None) -> go.Figure:
     """:func:`attention_figure` for a recall model: one heatmap over every column group (each row still
-    sums to 1 over all of them), the groups marked and named, and a copy strip on the right."""
+    sums to 1 over all of them), the groups marked and named, and a copy strip on the right: each piece's
+    copied share where ``pieces_copied`` gives it (the gate's 1 - g_t in the hover), else 1 - g_t."""
     att = np.asarray(attention, dtype=float)[: len(reply_tokens), : len(source_tokens)]
     S, R = len(source_tokens), att.shape[0]
     src, rep = [literal(p) for p in source_tokens], [literal(p) for p in reply_tokens[:R]]
@@ -255,12 +268,22 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
         customdata=[[[s, r, grp] for s, grp in zip(src, group_of)] for r in rep], xgap=1, ygap=1,
         hovertemplate="%{customdata[2]} · 입력 source: %{customdata[0]}<br>출력 reply: %{customdata[1]}"
                       "<br>가중치 weight: %{z:.3f}<extra></extra>"), 1, 1)
-    copied = [] if gate is None else [round(1.0 - float(g), 3) for g in np.asarray(gate)[:R]]
-    if copied:
+    weight = [] if gate is None else [round(1.0 - float(g), 3) for g in np.asarray(gate)[:R]]
+    if pieces_copied is not None and weight:  # the piece's own share, as the step inspector shows it
+        shares = [(None, None) if i >= len(pieces_copied) else pieces_copied[i] for i in range(R)]
+        z = [[None if c is None else round(c, 3)] for c, _ in shares]
+        hover = [[f"{r}: 복사 copied {c:.0%}{f' ({src})' if src else ''} · 생성 generated {1 - c:.0%}"
+                  f"<br>게이트 gate 1−g = {w:.0%}" if c is not None else
+                  f"{r}: 상위 후보 밖 outside the top-k<br>게이트 gate 1−g = {w:.0%}"]
+                 for r, (c, src), w in zip(rep, shares, weight)]
+    else:  # no candidates (the epoch log): the gate's copy weight
+        z = [[w] for w in weight]
+        hover = [[f"{r}: 게이트 gate 1−g = {w:.0%} (복사 쪽 가중치 copy weight)"] for r, w in zip(rep, weight)]
+    if weight:
         fig.add_trace(go.Heatmap(
-            z=[[c] for c in copied], x=[0], y=list(range(R)), zmin=0.0, zmax=1.0, colorscale="Oranges",
-            showscale=False, xgap=1, ygap=1, customdata=[[r] for r in rep],
-            hovertemplate="%{customdata}: 복사 copied %{z:.0%} · 생성 generated<extra></extra>"), 1, 2)
+            z=z, x=[0], y=list(range(R)), zmin=0.0, zmax=1.0, colorscale="Oranges",
+            showscale=False, xgap=1, ygap=1, customdata=hover,
+            hovertemplate="%{customdata}<extra></extra>"), 1, 2)
     for g in groups[1:]:  # a line before each recall, its name and score above its columns
         fig.add_vline(x=g.start - 0.5, line=dict(color="#e6550d", width=2), row=1, col=1)
     for g in groups:
@@ -281,7 +304,20 @@ def reply_figure(reply: Reply | None, title: str | None = None) -> go.Figure:
     if reply is None or not reply.generated:
         return note_figure("메시지를 보내면 어텐션 히트맵이 여기에 그려져요.")
     return attention_figure(reply.source_tokens, reply.reply_tokens, reply.attention, title,
-                            reply.groups, reply.gate)
+                            reply.groups, reply.gate, pieces_copied(reply))
+
+
+def pieces_copied(reply: Reply) -> list[tuple[float | None, str | None]] | None:
+    """A recall model's reply: for each of its pieces, the share of that piece's probability that copying
+    gave and the group it came from (its entry among the step's candidates; (None, None) where the piece
+    was not among them, e.g. sampled from the tail). None for other models."""
+    if not reply.groups or not reply.candidates:
+        return None
+    out = []
+    for piece, cands in zip(reply.reply_tokens, reply.candidates):
+        c = next((c for c in cands if c.piece == piece and c.copied is not None), None)
+        out.append((None, None) if c is None else (c.copied, c.source))
+    return out
 
 
 def step_figure(reply: Reply | None, step: int) -> go.Figure:
@@ -500,7 +536,7 @@ def chat_stream(bot: ChatBot, message: Any, history: Sequence[Any] | None, turns
         history[-1] = {"role": "assistant", "content": EMPTY_PROMPT}
         yield list(history), reply_figure(_turn_reply(turns, None)), turns
         return
-    note = truncated_note(reply)
+    note = "\n".join(n for n in (truncated_note(reply), unfinished_note(reply)) if n)
     history[-1] = {"role": "assistant",
                    "content": labelled(literal(reply.text or "…") + (f"\n{note}" if note else ""), model)}
     turns = [*turns, Turn(text, reply, model or "")]  # new lists each yield: gradio diffs streamed values
@@ -554,7 +590,8 @@ def turn_view(turns: Sequence[Turn] | None, index: Any = None, hypothesis: int =
         return TurnView(reply_figure(None), [], 0, step_figure(None, 1), "")
     status = f"{len(reply.source_tokens)}개 입력 조각 → {len(reply.reply_tokens)}개 답변 조각"
     if reply.groups:  # a recall model: the message, its recalls, how much it copied
-        copied = 1.0 - float(np.mean(reply.gate)) if reply.gate is not None and len(reply.gate) else 0.0
+        shares = [c for c, _ in pieces_copied(reply) or [] if c is not None]
+        copied = float(np.mean(shares)) if shares else 0.0  # the pieces' own copied shares (the strip)
         status = (f"메시지 {len(reply.message_tokens)}조각 + 기억 {len(reply.groups) - 1}개 "
                   f"({len(reply.source_tokens) - len(reply.message_tokens)}조각) → {len(reply.reply_tokens)}개 답변 조각"
                   f" · 평균 복사 copied {copied:.0%}")
@@ -585,7 +622,7 @@ def partial_figure(reply: Reply | None, rows: int) -> go.Figure:
     if reply is None or not reply.generated or not reply.reply_tokens:
         return reply_figure(reply)
     return attention_figure(reply.source_tokens, reply.reply_tokens[:max(1, int(rows))], reply.attention,
-                            None, reply.groups, reply.gate)
+                            None, reply.groups, reply.gate, pieces_copied(reply))
 
 
 def replay(turns: Sequence[Turn] | None, index: Any = None, hypothesis: Any = 0, pace: Any = None, *,
@@ -629,7 +666,7 @@ def compare(bots: dict[str, ChatBot], message: Any) -> list[tuple[str, go.Figure
         if not reply.generated:
             out.append((EMPTY_PROMPT, reply_figure(None)))
             continue
-        note = f"\n\n{truncated_note(reply)}" if reply.truncated else ""
+        note = "".join(f"\n\n{n}" for n in (truncated_note(reply), unfinished_note(reply)) if n)
         if reply.topic is not None:
             note += f"\n\n({topic_note(reply).replace('**', '')})"
         out.append((reply.text + note, reply_figure(reply)))
@@ -697,9 +734,11 @@ character n-gram TF-IDF, each with its similarity score. One softmax spans [mess
 recall $K$], so a heatmap row still sums to 1 over every column.)
 
 **복사 게이트 copy gate** (See et al., 2017) — 조각마다 게이트 $g_t$ 가 새로 만들지(생성), 어텐션이 가리키는
-조각을 그대로 가져올지(복사) 섞습니다. 히트맵 오른쪽 주황색 띠가 $1 - g_t$, 곧 복사한 몫입니다.
-(At every piece a gate $g_t$ mixes generating from the vocabulary with copying the attended pieces; the
-orange strip beside the heatmap is $1 - g_t$, the copied share.)
+조각을 그대로 가져올지(복사) 섞습니다. 히트맵 오른쪽 주황색 띠는 각 답변 조각의 확률 중 복사에서 온 몫이고,
+마우스를 올리면 게이트의 복사 가중치 $1 - g_t$ 도 보입니다. (At every piece a gate $g_t$ mixes generating from
+the vocabulary with copying the attended pieces; the orange strip beside the heatmap is the share of each
+reply piece's probability that came from copying, $(1 - g_t) \sum_{s:\, x_s = y_t} a_t(s) / p(y_t)$; its hover
+also gives the gate's copy weight $1 - g_t$.)
 
 $$g_t = \sigma\big(w_g^\top [c_t; h_t; e(y_{t-1})] + b_g\big) \qquad p(y_t) = g_t\, \mathrm{softmax}(W_s \tilde h_t)_{y_t} + (1 - g_t) \sum_{s:\, x_s = y_t} a_t(s)$$
 

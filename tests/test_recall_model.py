@@ -191,7 +191,9 @@ def test_reply_json_and_the_cli_carry_the_recall_fields(recall_checkpoint):
 
 def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint, tiny_bot):
     """The UI function: one heatmap over every column, a line before each recall, each group named
-    (a recall by its score and question), and the copy strip (1 - gate) beside it."""
+    (a recall by its score and question), and the copy strip beside it: each piece's copied share, the one
+    the step inspector shows for the chosen piece (the gate's 1 - g in its hover; 1 - g itself without
+    candidates)."""
     from chatbot import ui
     from chatbot.inference import ChatBot
 
@@ -200,7 +202,11 @@ def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint, tiny_b
     heat, strip = fig.data
     assert len(heat.z[0]) == len(r.source_tokens) and len(heat.z) == len(r.reply_tokens)
     np.testing.assert_allclose(np.array(heat.z).sum(1), 1.0, atol=2e-3)  # rows still sum to 1
-    np.testing.assert_allclose([row[0] for row in strip.z], 1 - r.gate, atol=1e-3)
+    chosen = [next(c for c in cands if c.piece == p) for p, cands in zip(r.reply_tokens, r.candidates)]  # greedy: top 1
+    np.testing.assert_allclose([row[0] for row in strip.z], [c.copied for c in chosen], atol=1e-3)
+    assert all(f"{1 - g:.0%}" in h[0] for h, g in zip(strip.customdata, r.gate))  # the gate, in the hover
+    no_candidates = ui.attention_figure(r.source_tokens, r.reply_tokens, r.attention, None, r.groups, r.gate)
+    np.testing.assert_allclose([row[0] for row in no_candidates.data[1].z], 1 - r.gate, atol=1e-3)
     names = [a.text for a in fig.layout.annotations]
     assert names[0] == "메시지" and all(n.startswith(f"기억 {k} · {g.score:.2f}") for k, (n, g)
                                        in enumerate(zip(names[1:], r.groups[1:]), 1))
@@ -243,11 +249,29 @@ def test_the_browser_shows_the_recall_groups(recall_checkpoint):
                 arg=len(expected.reply_tokens), timeout=30_000)
             labels = page.evaluate("() => Array.from(document.querySelectorAll('#heatmap .annotation-text'))"
                                    ".map(t => t.textContent)")
+            shown = page.evaluate(SHOWN_GROUP_NAMES)
+            page.set_viewport_size({"width": 420, "height": 1000})  # a phone: the names must make room
+            page.wait_for_function(f"() => ({SHOWN_GROUP_NAMES})().every(n => !n.question)", timeout=10_000)
+            narrow = page.evaluate(SHOWN_GROUP_NAMES)
             browser.close()
     finally:
         demo.close()
     assert any(t.startswith("메시지") for t in labels)
     assert sum(t.startswith("기억") for t in labels) == len(expected.groups) - 1
+    assert all(n["question"] for n in shown[1:]), shown  # wide: each recall's question under its name
+    assert len(narrow) == len(expected.groups)
+    assert all(a["right"] <= b["left"] for a, b in zip(narrow, narrow[1:])), narrow  # narrow: none overlap
+
+
+# each group name as drawn, left to right: its box and whether its second line (the question) shows
+SHOWN_GROUP_NAMES = """() => Array.from(document.querySelectorAll('#heatmap g.annotation'))
+  .map(a => { const tspans = Array.from(a.querySelectorAll('tspan.line')),
+                    lines = tspans.length ? tspans : Array.from(a.querySelectorAll('text.annotation-text')),
+                    shown = lines.filter(l => l.style.display !== 'none').map(l => l.getBoundingClientRect());
+              return {left: Math.min(...shown.map(b => b.left)), right: Math.max(...shown.map(b => b.right)),
+                      text: shown.length ? lines[0].textContent : a.textContent,
+                      question: lines.length > 1 && lines[1].style.display !== 'none'}; })
+  .sort((a, b) => a.left - b.left)"""
 
 
 def test_recall_noise_swaps_a_share_of_the_recalls_deterministically():

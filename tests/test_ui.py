@@ -78,7 +78,8 @@ def test_a_long_reply_streams_text_every_piece_and_a_heatmap_at_most_every_inter
     pieces, (history, final, turns) = outs[1:-1], outs[-1]
     assert len(pieces) == 80 == len(turns[0].reply.reply_tokens)
     texts = [h[-1]["content"] for h, _, _ in pieces]
-    assert texts[-1] == html.escape(turns[0].reply.text, quote=False) == history[-1]["content"]
+    assert texts[-1] == html.escape(turns[0].reply.text, quote=False)
+    assert history[-1]["content"] == texts[-1] + "\n" + ui.unfinished_note(turns[0].reply)  # 80 = max_len: cut
     sent = [(n, fig) for n, (_, fig, _) in enumerate(pieces, 1) if fig is not None]
     assert 3 <= len(sent) <= clock.now / ui.FIGURE_INTERVAL + 1, (len(sent), clock.now)
     assert all(b - a >= ui.FIGURE_INTERVAL / 0.02 - 1 for (a, _), (b, _) in zip(sent, sent[1:]))  # pieces apart
@@ -158,6 +159,20 @@ def test_long_message_is_cut_with_a_note_and_html_is_escaped(tiny_bot):
     assert out["truncated"] and f"앞 {n}조각" in out["note"]
     short = ui.reply_json(tiny_bot, "안녕")
     assert not short["truncated"] and "note" not in short
+
+
+def test_a_reply_cut_at_the_length_limit_says_so(tiny_bot):
+    """A reply that stops at max_len without </s> (a loop, often) is marked in the chat, the API and the
+    stream; one that ends itself is not."""
+    history, _, turns = list(ui.chat_stream(tiny_bot, "오늘 너무 힘들었어", [], [], max_len=1))[-1]
+    reply = turns[0].reply
+    assert not reply.finished and len(reply.reply_tokens) == 1
+    assert history[-1]["content"].endswith(ui.unfinished_note(reply)) and "최대 길이 1조각에서 멈췄어요" in history[-1]["content"]
+    assert tiny_bot.reply("오늘 너무 힘들었어", max_len=1).finished is False  # decoded, not streamed: the same flag
+    assert ui.reply_json(tiny_bot, "오늘 너무 힘들었어", max_len=1)["finished"] is False
+    full = tiny_bot.reply("오늘 너무 힘들었어")
+    if full.finished:  # the tiny model ends this reply by itself within max_len
+        assert ui.unfinished_note(full) == "" and ui.reply_json(tiny_bot, "오늘 너무 힘들었어")["finished"] is True
 
 
 def test_history_parts_are_flattened():
