@@ -365,8 +365,17 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
                              hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"), *at)
         fig.update_xaxes(**source_ticks(reply.source_tokens), row=at[0], col=at[1])
         fig.update_yaxes(range=[0, 1], title=dict(text="가중치 weight"), row=at[0], col=at[1])
-    return _layout(fig, f"선택된 조각 chosen: {literal(chosen)}", height=600 + LABEL_ROOM if stacked else 360,
-                   top=90)
+        for g in reply.groups[1:]:  # a recall model: the heatmap's group lines and names, inside the row's panel
+            fig.add_vline(x=g.start - 0.5, line=dict(color="#e6550d", width=1.5), row=at[0], col=at[1])
+        for g in reply.groups:
+            fig.add_annotation(x=(g.start + g.end - 1) / 2, y=0.98, yanchor="top", text=g.name, showarrow=False,
+                               font=dict(size=10, color="#e6550d" if g.question else "#333"), row=at[0], col=at[1])
+    mine = next((c for c in cands if c.piece == chosen), None)
+    source = (f"<br><span style='font-size:13px'>← {mine.source}에서 복사 copied from {mine.source} ({mine.copied:.0%})</span>"
+              if mine is not None and mine.source and (mine.copied or 0) >= 0.5 else "")
+    extra = 22 if source else 0  # the title's second line
+    return _layout(fig, f"선택된 조각 chosen: {literal(chosen)}{source}",
+                   height=(600 + LABEL_ROOM if stacked else 360) + extra, top=90 + extra)
 
 
 def training_figure(ckpt_dir: str | Path | None) -> go.Figure:

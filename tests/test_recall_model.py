@@ -217,6 +217,10 @@ def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint, tiny_b
     assert step.layout.barmode == "stack"  # generated and copied parts of each candidate, named in a legend
     assert [t.name for t in step.data if t.showlegend] == ["생성 generated", "복사 copied"]
     assert step.data[2].showlegend is False  # the attention row needs no legend entry
+    assert [a.text for a in step.layout.annotations][-len(r.groups):] == [g.name for g in r.groups]  # its groups
+    assert [s.x0 for s in step.layout.shapes] == [g.start - 0.5 for g in r.groups[1:]]
+    first = next(c for c in r.candidates[0] if c.piece == r.reply_tokens[0])
+    assert ("← " + str(first.source) in step.layout.title.text) == bool(first.source and first.copied >= 0.5)
     assert not any(t.showlegend for t in ui.step_figure(tiny_bot.reply("헤어진 지 한 달 됐어"), 1).data)  # no recall
 
 
