@@ -147,10 +147,10 @@ def test_training_saves_the_index_and_serving_recalls_from_it(recall_checkpoint,
 def test_a_recall_checkpoint_saved_before_the_shared_continuation_weight_replies_as_with_c_zero(
         recall_checkpoint, tmp_path):
     """Eighth-session recall checkpoints have u but no shared c: they load, with c = 0 (their own bias)."""
-    import hashlib
     import shutil
 
     from safetensors.torch import load_file, save_file
+    from test_checkpoint import resign
 
     from chatbot.checkpoint import load_checkpoint, save_checkpoint
     from chatbot.inference import ChatBot
@@ -164,10 +164,7 @@ def test_a_recall_checkpoint_saved_before_the_shared_continuation_weight_replies
     weights = load_file(str(old / "model.safetensors"))
     del weights["continuation_all"]
     save_file(weights, str(old / "model.safetensors"))
-    manifest = json.loads((old / "manifest.json").read_text())
-    data = (old / "model.safetensors").read_bytes()
-    manifest["model.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    resign(old, "model.safetensors")
     bot_old, bot_zero = ChatBot.from_checkpoint(old, device="cpu"), ChatBot.from_checkpoint(zero, device="cpu")
     assert bot_old.model.continuation_all.item() == 0.0
     for text in ("헤어진 지 한 달 됐어", "오늘 날씨 좋다"):
