@@ -353,7 +353,9 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
             hovertemplate="%{customdata[0]}: 복사 copied %{y:.3f} (%{customdata[1]})<extra></extra>"), 1, 1)
         top_right = (fig.layout.xaxis.domain[1], fig.layout.yaxis.domain[1])  # of the candidates' panel
         fig.update_layout(barmode="stack", legend=dict(x=top_right[0], y=top_right[1], xanchor="right", yanchor="top",
-                                                        bgcolor="rgba(255,255,255,0.8)", font=dict(size=11)))
+                                                        bgcolor="rgba(255,255,255,0.8)", font=dict(size=11),
+                                                        title=dict(text="진한 색 = 선택 (dark = chosen)",
+                                                                   font=dict(size=10))))
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(cands))), ticktext=[literal(c.piece) for c in cands],
                      row=1, col=1)
     fig.update_yaxes(range=[0, 1], title=dict(text="확률 prob"), row=1, col=1)
