@@ -311,16 +311,14 @@ class ChatBot:
         return out
 
     def _to_reply(self, h: Hypothesis, message: EncodedMessage, topic: TopicChoice | None,
-                  columns: Columns | None = None, max_len: int | None = None) -> Reply:
+                  columns: Columns | None = None) -> Reply:
         source_ids = message.ids if columns is None else columns.ids.tolist()
         return Reply(
             text=self.tokenizer.decode(h.tokens), source_tokens=self._pieces(source_ids),
             reply_tokens=self._pieces(h.tokens), attention=h.attention,
             candidates=self._candidate_steps(h.topk_ids, h.topk_probs, h.attention, h.gate, columns),
             score=h.norm_score, truncated=message.truncated, topic=topic,
-            groups=[] if columns is None else columns.groups, gate=h.gate,
-            # decoding forces </s> after max_len pieces: a reply that long did not end by itself
-            finished=h.finished and (max_len is None or len(h.tokens) < max_len))
+            groups=[] if columns is None else columns.groups, gate=h.gate, finished=h.finished)
 
     # ------------------------------------------------------------------ recall (model.recall_k > 0)
     def recall(self, messages: list[EncodedMessage]) -> tuple[RecallInput | None, list[Columns | None]]:
@@ -366,7 +364,7 @@ class ChatBot:
         with torch.inference_mode():
             results = decode(self.model, src, src_len, opts, topic_ids, recall)
         for k, (i, hyps) in enumerate(zip(live, results)):
-            replies = [self._to_reply(h, messages[i], topics and topics[k], columns[k], opts.max_len) for h in hyps]
+            replies = [self._to_reply(h, messages[i], topics and topics[k], columns[k]) for h in hyps]
             best = replies[0]
             if opts.strategy == "beam":
                 best.n_best = replies
@@ -389,8 +387,8 @@ class ChatBot:
         if opts.strategy == "beam":
             with torch.inference_mode():
                 hyps = beam_search(self.model, src, src_len, opts, topic_ids, recall)
-            full = self._to_reply(hyps[0], message, choice, columns, opts.max_len)
-            full.n_best = [self._to_reply(h, message, choice, columns, opts.max_len) for h in hyps]
+            full = self._to_reply(hyps[0], message, choice, columns)
+            full.n_best = [self._to_reply(h, message, choice, columns) for h in hyps]
             yield from self._replay(full, hyps[0].tokens)
             return
         yield from self._stream_live(src, src_len, topic_ids, message, choice, opts, recall, columns)

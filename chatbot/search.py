@@ -139,12 +139,12 @@ OPTIONS: dict[str, OptionSpec] = _specs()  # field name -> spec, in field order
 @dataclass
 class Hypothesis:
     tokens: list[int]  # reply ids, </s> excluded
-    score: float  # total log-probability (of </s> too when finished)
+    score: float  # total log-probability, </s> included (a </s> forced at max_len adds 0)
     norm_score: float  # score after the length penalty (beam); = score otherwise
     attention: np.ndarray | None  # (len(tokens), S) or None for the no-attention model
     topk_ids: np.ndarray  # (len(tokens), k) candidates the decoder chose from at each step
     topk_probs: np.ndarray  # (len(tokens), k) their probabilities
-    finished: bool  # ended with </s> (False: cut at max_len)
+    finished: bool  # ended with </s> of its own (False: cut at max_len, where decoding forces </s>)
     gate: np.ndarray | None = None  # (len(tokens),) recall models: share of each piece's probability generated
 
 
@@ -254,9 +254,10 @@ def decode_steps(model: Seq2Seq, memory: Memory, opts: DecodeOptions,
         prev = token.masked_fill(done, EOS_ID)
 
 
-def _collect(steps: Iterator[Step], mask: Tensor, has_attention: bool) -> list[Hypothesis]:
+def _collect(steps: Iterator[Step], mask: Tensor, has_attention: bool, max_len: int) -> list[Hypothesis]:
     """Turn a batch's steps into one :class:`Hypothesis` per source (one host copy per field); each
-    attention row keeps the memory's real positions (``mask`` (B, S): padding cut)."""
+    attention row keeps the memory's real positions (``mask`` (B, S): padding cut). A </s> at step
+    ``max_len`` was forced (:func:`decode_steps`): that reply did not finish by itself."""
     all_steps = list(steps)
     tokens = torch.stack([s.tokens for s in all_steps], 1).cpu().numpy()  # (B, T)
     done = torch.stack([s.done for s in all_steps], 1).cpu().numpy()  # (B, T)
@@ -271,13 +272,13 @@ def _collect(steps: Iterator[Step], mask: Tensor, has_attention: bool) -> list[H
     hyps = []
     for b in range(real.shape[0]):
         live = np.flatnonzero(~done[b])  # steps this sequence took (a finished one stops at its </s>)
-        finished = live.size > 0 and int(tokens[b, live[-1]]) == EOS_ID
-        body = live[:-1] if finished else live  # the </s> step adds to the score, not to the reply
+        ended = live.size > 0 and int(tokens[b, live[-1]]) == EOS_ID
+        body = live[:-1] if ended else live  # the </s> step adds to the score, not to the reply
         score = float(logprob[b, live].sum())
         hyps.append(Hypothesis(
             tokens=tokens[b, body].tolist(), score=score, norm_score=score,
             attention=attention[b, body][:, real[b]] if attention is not None else None,
-            topk_ids=topk_ids[b, body], topk_probs=topk_probs[b, body], finished=finished,
+            topk_ids=topk_ids[b, body], topk_probs=topk_probs[b, body], finished=bool(ended and live[-1] < max_len),
             gate=gates[b, body] if gates is not None else None))
     return hyps
 
@@ -288,7 +289,7 @@ def greedy(model: Seq2Seq, src: Tensor, src_len: Tensor, opts: DecodeOptions | N
     """Batched greedy decoding: one hypothesis per source. src (B, S), src_len (B,)."""
     opts = opts or DecodeOptions()
     memory = model.encode(src, src_len, topic, recall)
-    return _collect(decode_steps(model, memory, opts), memory.mask, model.attention is not None)
+    return _collect(decode_steps(model, memory, opts), memory.mask, model.attention is not None, opts.max_len)
 
 
 @torch.inference_mode()
@@ -299,7 +300,7 @@ def sample(model: Seq2Seq, src: Tensor, src_len: Tensor, opts: DecodeOptions,
     gen = None
     if opts.seed is not None:
         gen = torch.Generator(device=src.device).manual_seed(opts.seed)
-    return _collect(decode_steps(model, memory, opts, gen), memory.mask, model.attention is not None)
+    return _collect(decode_steps(model, memory, opts, gen), memory.mask, model.attention is not None, opts.max_len)
 
 
 # ---------------------------------------------------------------- beam search
@@ -335,14 +336,14 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, opts: DecodeOption
     finished: list[Hypothesis] = []
     has_attention = model.attention is not None
 
-    def make(i_origin: int, score: float, done: bool) -> Hypothesis:
+    def make(i_origin: int, score: float, done: bool, by_itself: bool) -> Hypothesis:
         n = history.size(1)
         return Hypothesis(
             tokens=history[i_origin].tolist(), score=score,
             norm_score=score / length_penalty(n + int(done), opts.length_penalty),
             attention=att_hist[i_origin][:, real].cpu().numpy() if has_attention else None,
             topk_ids=tk_ids_hist[i_origin].cpu().numpy(), topk_probs=tk_probs_hist[i_origin].cpu().numpy(),
-            finished=done, gate=gate_hist[i_origin].cpu().numpy() if model.copies else None)
+            finished=done and by_itself, gate=gate_hist[i_origin].cpu().numpy() if model.copies else None)
 
     for t in range(opts.max_len + 1):
         logits, attn, state, gate = model.step(prev, state, memory)
@@ -358,7 +359,7 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, opts: DecodeOption
         origin, token = top_idx // V, top_idx % V
         for rank in range(min(K, top_idx.numel())):
             if token[rank] == EOS_ID and torch.isfinite(top_scores[rank]):
-                finished.append(make(int(origin[rank]), float(top_scores[rank]), True))
+                finished.append(make(int(origin[rank]), float(top_scores[rank]), True, t < opts.max_len))
         alive = ((token != EOS_ID) & torch.isfinite(top_scores)).nonzero().squeeze(1)[:K]
         if len(finished) >= K or alive.numel() == 0:
             break
