@@ -83,7 +83,7 @@ PAGE_JS = """() => {
     }
     // a recall model's group names (메시지 | 기억 1 · score / question | ...): where two would overlap, every
     // name drops its question line (still in the name's hover), then, if need be, its score
-    const names = [...plot.querySelectorAll('g.annotation')].filter((a) => /^(메시지|기억 \d)/.test(a.textContent));
+    const names = [...plot.querySelectorAll('g.annotation')].filter((a) => /^(메시지|기억 \\d)/.test(a.textContent));
     const lines = (a) => {  // a one-line name has no tspan of its own
       const l = [...a.querySelectorAll('text.annotation-text tspan.line')];
       return l.length ? l : [...a.querySelectorAll('text.annotation-text')];
