@@ -516,7 +516,6 @@ class RequestLimits:
 
     def __init__(self, app: Any, blocks: gr.Blocks, max_body: int = MAX_BODY_BYTES):
         self.app, self.blocks, self.max_body = app, blocks, max_body
-        self.joining_chats = 0  # chat joins let through and not yet answered: not in gradio's queue yet
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/queue/data"):
@@ -533,51 +532,35 @@ class RequestLimits:
         body = None if declared_too_big else await _read_body(receive, self.max_body)
         if body is None:
             return await _refuse(send, 413, f"The request body is over {self.max_body} bytes.")
-        problem, joined = self.check(path, headers.get(b"content-type", b""), body)
+        problem = self.check(path, headers.get(b"content-type", b""), body)
         if problem:
             return await _refuse(send, *problem)
-        chat = joined is not None and joined.concurrency_id == "chat"
-        self.joining_chats += chat
-        try:
-            await self.app(scope, _replay(body, receive), send)
-        finally:
-            self.joining_chats -= chat
+        await self.app(scope, _replay(body, receive), send)
 
-    def check(self, path: str, content_type: bytes, body: bytes) -> tuple[tuple[int, str] | None, Any]:
-        """((status, why) for a body refused here, else None; the function a queue join names, or None)."""
+    def check(self, path: str, content_type: bytes, body: bytes) -> tuple[int, str] | None:
+        """(status, why) for a body refused here, else None."""
         if not body or (content_type and b"json" not in content_type.lower()):
-            return None, None  # FastAPI parses JSON only where it says so or says nothing
+            return None  # FastAPI parses JSON only where it says so or says nothing
         try:
             data = json.loads(body, parse_constant=_not_finite, parse_float=_finite)
         except _NotFinite as e:
-            return (422, f"Numbers must be finite: {str(e)[:20]} is not. Send one in the control's range."), None
+            return 422, f"Numbers must be finite: {str(e)[:20]} is not. Send one in the control's range."
         except (ValueError, RecursionError):
-            return (400, "The request body is not valid JSON."), None
+            return 400, "The request body is not valid JSON."
         if not isinstance(data, dict):
-            return None, None
+            return None
         session = data.get("session_hash")
         if isinstance(session, str) and len(session) > MAX_SESSION_HASH:
-            return (422, f"session_hash is over {MAX_SESSION_HASH} characters."), None
+            return 422, f"session_hash is over {MAX_SESSION_HASH} characters."
         called = re.search(r"/gradio_api/call/(?:v2/)?([^/]+)$", path)
         if called and called[1] not in {fn.api_name for fn in self.blocks.fns.values()}:
-            return (404, f"This demo has no endpoint named {called[1][:40]!r}."), None
+            return 404, f"This demo has no endpoint named {called[1][:40]!r}."
         index = data.get("fn_index")
         if not path.endswith("/gradio_api/queue/join") or index is None:
-            return None, None
+            return None
         if type(index) is not int or index not in self.blocks.fns:
-            return (422, "fn_index must be the id of one of the demo's functions (see /config)."), None
-        if self.chats_full(self.blocks.fns[index]):
-            return (503, "Queue is full: streamed chats may hold only part of it. Please try again."), None
-        return None, self.blocks.fns[index]
-
-    def chats_full(self, fn: Any) -> bool:
-        """Whether ``fn`` is a streamed chat and chats already wait (or are joining) in CHAT_QUEUE_SHARE of
-        the queue. Joins let through count until answered: many arrive before gradio queues the first."""
-        queue = self.blocks._queue
-        waiting = queue.event_queue_per_concurrency_id.get(fn.concurrency_id)
-        return (fn.concurrency_id == "chat" and queue.max_size is not None
-                and (len(waiting.queue) if waiting else 0) + self.joining_chats
-                >= max(1, int(queue.max_size * CHAT_QUEUE_SHARE)))
+            return 422, "fn_index must be the id of one of the demo's functions (see /config)."
+        return None
 
     def forget_finished_stream(self, scope: dict) -> None:
         """Drop the queue's message queue and event-id set of a session whose stream ended with no event
@@ -654,6 +637,33 @@ def _forget_closed_sessions(demo: gr.Blocks) -> None:
     demo._forgets_closed_sessions = True
 
 
+def chats_full(queue: Any, fn: Any) -> bool:
+    """Whether ``fn`` is a streamed chat and chats already wait in CHAT_QUEUE_SHARE of ``queue`` (gradio's
+    queueing.Queue). Chats queued but about to start in a free chat worker do not count as waiting."""
+    chats = queue.event_queue_per_concurrency_id.get("chat")
+    if fn is None or fn.concurrency_id != "chat" or queue.max_size is None or chats is None \
+            or chats.concurrency_limit is None:
+        return False
+    starting = max(0, chats.concurrency_limit - chats.current_concurrency)
+    return len(chats.queue) - starting >= max(1, int(queue.max_size * CHAT_QUEUE_SHARE))
+
+
+def _share_the_queue(demo: gr.Blocks) -> None:
+    """Streamed chats may hold only CHAT_QUEUE_SHARE of the queue, so that a crowd of them leaves /reply
+    and the page's own events room: a further chat join gets gradio's "queue full" (503). The check runs in
+    the queue's push, on the event loop with nothing awaited before gradio appends the event, so joins
+    that arrive together are counted exactly."""
+    queue = demo._queue
+    push = queue.push
+
+    async def push_within_share(body: Any, request: Any, username: str | None) -> tuple[bool, Any, str]:
+        if chats_full(queue, demo.fns.get(body.fn_index)):
+            return False, "Queue is full: streamed chats may hold only part of it. Please try again.", "queue_full"
+        return await push(body, request, username)
+
+    queue.push = push_within_share
+
+
 def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *,
            private_dirs: Sequence[str | Path] = ("checkpoints", "data"), queue_size: int = QUEUE_SIZE,
            concurrency_limit: int | None = None, **overrides: Any):
@@ -675,6 +685,7 @@ def launch(demo: gr.Blocks, checkpoint_dirs: Sequence[str | Path] = (), *,
             fn.concurrency_limit = limits[fn.concurrency_id]
         elif fn.api_name == "replay":  # mostly waiting for its next frame: more at once than the cores
             fn.concurrency_limit = REPLAY_CONCURRENCY
+    _share_the_queue(demo)
     _forget_closed_sessions(demo)
     blocked = [str(Path(d).resolve()) for d in (*private_dirs, *checkpoint_dirs)]
     kwargs: dict[str, Any] = dict(
