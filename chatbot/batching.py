@@ -51,8 +51,9 @@ def encode_message(tokenizer: Tokenizer, text: str, max_source_len: int) -> Enco
     return EncodedMessage(text, ids[:max_source_len], cut or len(ids) > max_source_len)
 
 
-def encode_source(tokenizer: Tokenizer, text: str, max_len: int, sample_alpha: float = 0.0) -> list[int]:
-    return tokenizer.encode(text, sample_alpha)[:max_len]
+def encode_source(tokenizer: Tokenizer, text: str, max_len: int, sample_alpha: float = 0.0,
+                  rng: np.random.Generator | None = None) -> list[int]:
+    return tokenizer.encode(text, sample_alpha, rng)[:max_len]
 
 
 def encode_pairs(tokenizer: Tokenizer, questions: Iterable[str], answers: Iterable[str],

@@ -10,13 +10,16 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 import re
 import threading
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as spm_model
 
 from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_PIECES, UNK_ID, TokenizerConfig
 
@@ -163,6 +166,7 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, model_proto: bytes, morphemes: bool = False):
         self._sp = processor
         self._proto = model_proto
+        self._sampler: SubwordSampler | None = None  # built on the first sampled encode
         self.morphemes = morphemes
         found = tuple(processor.id_to_piece(i) for i in range(len(SPECIAL_PIECES)))
         ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
@@ -247,24 +251,34 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    def encode(self, text: str, sample_alpha: float = 0.0) -> list[int]:
+    def encode(self, text: str, sample_alpha: float = 0.0, rng: np.random.Generator | None = None) -> list[int]:
         """Token ids of ``normalize(text)``; no ``<s>``/``</s>`` added.
 
-        ``sample_alpha > 0``: one segmentation sampled from all of sentencepiece's candidates
-        (subword regularisation, Kudo 2018; smaller alpha = flatter). Seed it with
-        ``sentencepiece.set_random_generator_seed``. Decoding the ids still gives the same text.
+        ``sample_alpha > 0`` (unigram models): one segmentation drawn with ``rng`` (a fresh unseeded
+        one if None) from all of the candidates, as sentencepiece's ``enable_sampling=True,
+        nbest_size=-1`` draws it (subword regularisation, Kudo 2018; smaller alpha = flatter), but
+        reproducible: see :class:`SubwordSampler`. Decoding the ids still gives the same text.
         """
         text = normalize(text)
         if not text:
             return []
-        kw = {"enable_sampling": True, "alpha": sample_alpha, "nbest_size": -1} if sample_alpha > 0 else {}
+        if sample_alpha > 0:
+            sampler = self._sampler or self._make_sampler()
+            rng = rng if rng is not None else np.random.default_rng()
+            encode = lambda chunk: sampler.sample(chunk, sample_alpha, rng)  # noqa: E731
+        else:
+            encode = self._sp.encode
         if not self.morphemes:
-            return self._sp.encode(text, **kw)
+            return encode(text)
         chunks = []
         for word in segment_morphemes(text):
             chunks.append(_SPACE + word[0])
             chunks.extend(word[1:])
-        return list(itertools.chain.from_iterable(self._sp.encode(c, **kw) for c in chunks))
+        return list(itertools.chain.from_iterable(encode(c) for c in chunks))
+
+    def _make_sampler(self) -> "SubwordSampler":
+        self._sampler = SubwordSampler(self._proto)
+        return self._sampler
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special ids (pad, unk, bos, eos) skipped. Cut at eos first."""
@@ -297,3 +311,77 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, morphemes={self.morphemes})"
+
+
+# --------------------------------------------------------------------------- subword sampling
+
+_UNK_PENALTY = 10.0  # sentencepiece's kUnkPenalty: an unknown character scores the lowest piece's score minus this
+
+
+class SubwordSampler:
+    """Sampled segmentations of a unigram sentencepiece model, drawn from a numpy Generator.
+
+    The distribution is sentencepiece's own ``SampleEncode(nbest_size=-1, alpha)``: every
+    segmentation of the text into vocabulary pieces (an unknown character is ``<unk>``, scored the
+    lowest piece score minus 10) with probability proportional to exp(alpha x the sum of its piece
+    scores), drawn by forward filtering and backward sampling over the lattice of pieces. Drawing it
+    here makes it reproducible: sentencepiece mixes ``set_random_generator_seed``'s seed with state
+    of its own process, so one seed gave different segmentations in every process (each DDP rank,
+    and a ``--resume``, which saw other segmentations than the run it continues).
+
+    The text is what sentencepiece's identity normaliser would hand its model: spaces as "▁", and a
+    leading "▁" where the model adds a dummy prefix.
+    """
+
+    def __init__(self, model_proto: bytes):
+        m = spm_model.ModelProto.FromString(model_proto)
+        if m.trainer_spec.model_type != spm_model.TrainerSpec.UNIGRAM:
+            raise ValueError("subword sampling needs a unigram sentencepiece model (tokenizer.model_type: unigram)")
+        kinds = spm_model.ModelProto.SentencePiece
+        if any(p.type == kinds.USER_DEFINED for p in m.pieces):
+            raise ValueError("subword sampling does not handle user-defined pieces; this project's tokenizer has none")
+        self.pieces = {p.piece: (i, p.score) for i, p in enumerate(m.pieces) if p.type == kinds.NORMAL}
+        self.longest = max(map(len, self.pieces))
+        self.unk_score = min(score for _, score in self.pieces.values()) - _UNK_PENALTY
+        self.dummy_prefix = m.normalizer_spec.add_dummy_prefix
+
+    def surface(self, text: str) -> str:
+        text = text.replace(" ", _SPACE)
+        return _SPACE + text if self.dummy_prefix and text else text
+
+    def lattice(self, text: str) -> list[list[tuple[int, int, float]]]:
+        """For each end position (in characters of :meth:`surface`), the (begin, id, score) of every piece
+        ending there; a character that no single piece covers gets an ``<unk>`` node."""
+        s = self.surface(text)
+        n = len(s)
+        ends: list[list[tuple[int, int, float]]] = [[] for _ in range(n + 1)]
+        for i in range(n):
+            single = False
+            for j in range(i + 1, min(n, i + self.longest) + 1):
+                hit = self.pieces.get(s[i:j])
+                if hit is not None:
+                    ends[j].append((i, *hit))
+                    single = single or j == i + 1
+            if not single:
+                ends[i + 1].append((i, UNK_ID, self.unk_score))
+        return ends
+
+    def sample(self, text: str, alpha: float, rng: np.random.Generator) -> list[int]:
+        ends = self.lattice(text)
+        n = len(ends) - 1
+        forward = [0.0] * (n + 1)  # log of the summed weights of every segmentation of the first j characters
+        for j in range(1, n + 1):
+            logits = [forward[i] + alpha * score for i, _, score in ends[j]]
+            top = max(logits)
+            forward[j] = top + math.log(sum(math.exp(v - top) for v in logits))
+        ids, j = [], n
+        draws = iter(rng.random(n))  # at most one draw per character
+        while j > 0:
+            u, acc = next(draws), 0.0
+            for begin, piece, score in ends[j]:
+                acc += math.exp(forward[begin] + alpha * score - forward[j])
+                if u < acc:
+                    break
+            ids.append(piece)  # the last node where rounding leaves the sum a hair under u
+            j = begin
+        return ids[::-1]

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import sacrebleu
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -355,9 +354,10 @@ def attention_probe(model: Seq2Seq, tokenizer: Tokenizer, cfg: Config, device: t
 
 def resample_sources(pairs: EncodedPairs, tokenizer: Tokenizer, questions: list[str], alpha: float,
                      max_source_len: int, seed: int) -> EncodedPairs:
-    """``pairs`` with every question re-segmented by sentencepiece sampling, deterministic in ``seed``."""
-    spm.set_random_generator_seed(seed)
-    src = [encode_source(tokenizer, q, max_source_len, alpha) or [EOS_ID] for q in questions]
+    """``pairs`` with every question re-segmented by subword sampling, deterministic in ``seed`` in every
+    process (each DDP rank, and a run resumed with --resume, draw the same segmentations)."""
+    rng = np.random.default_rng(seed)
+    src = [encode_source(tokenizer, q, max_source_len, alpha, rng) or [EOS_ID] for q in questions]
     return replace(pairs, src=src)
 
 

@@ -246,3 +246,23 @@ def test_ctrl_c_at_any_point_of_a_step_resumes_exactly(tiny_corpus_csv, tmp_path
     resumed = load_file(tmp_path / "last" / "model.safetensors")
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=f"{point}: {k}")
+
+
+def test_a_resume_in_a_new_process_draws_the_same_segmentations(tiny_corpus_csv, tmp_path):
+    """--resume always runs in a new process: with sampled segmentations (train.subword_alpha), stopping at step
+    7 and resuming to 14 from the command line ends with the weights of 14 steps in one go (sentencepiece's own
+    sampler drew other segmentations in every process, whatever the seed)."""
+    args = [f"--{k}={v}" for k, v in EXACT.items() if k != "train.max_steps"]
+
+    def cli(out, steps, *extra):
+        subprocess.run([*train_args(tiny_corpus_csv, out), *args, "--train.max_steps", str(steps), *extra],
+                       cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+
+    cli(tmp_path / "straight", 14)
+    cli(tmp_path / "resumed", 7)
+    assert progress(tmp_path / "resumed" / "last")["step"] == 7
+    cli(tmp_path / "resumed", 14, "--resume")
+    straight = load_file(tmp_path / "straight" / "last" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "last" / "model.safetensors")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=k)

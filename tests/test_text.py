@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from chatbot.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TokenizerConfig
 from chatbot.text import Tokenizer, normalize
+from conftest import ROOT
 from corpus import tiny_pairs
 
 
@@ -167,3 +168,64 @@ def test_morpheme_save_load(morph_tok, tmp_path):
     morph_tok.save(tmp_path / "m.model")
     again = Tokenizer.load(tmp_path / "m.model", morphemes=True)
     assert again.encode("친구랑 싸웠어") == morph_tok.encode("친구랑 싸웠어")
+
+
+# ------------------------------------------------------------------ subword sampling (train.subword_alpha)
+
+def _segmentation_probabilities(tok: Tokenizer, text: str, alpha: float) -> dict[tuple[int, ...], float]:
+    """Every segmentation of ``text`` with its exact probability exp(alpha x score) / Z, by enumeration."""
+    import math
+
+    from chatbot.text import SubwordSampler
+
+    sampler = SubwordSampler(tok.to_bytes())
+    ends = sampler.lattice(normalize(text))
+    paths: dict[int, list[tuple[tuple[int, ...], float]]] = {0: [((), 0.0)]}
+    for j in range(1, len(ends)):
+        paths[j] = [(ids + (piece,), s + alpha * score) for begin, piece, score in ends[j] for ids, s in paths[begin]]
+    z = math.log(sum(math.exp(s) for _, s in paths[len(ends) - 1]))
+    return {ids: math.exp(s - z) for ids, s in paths[len(ends) - 1]}
+
+
+@pytest.mark.parametrize("text", ["오늘따라 아직도 그 사람 못 잊겠어", "그 사람도 나를 좋아할까 🙂"])
+def test_sampled_segmentations_follow_sentencepieces_own_distribution(tok, text):
+    """Our seeded sampler and sentencepiece's ``enable_sampling`` both match the exact distribution over
+    every segmentation (total variation within sampling noise), and every draw spells the text."""
+    import collections
+
+    import numpy as np
+    import sentencepiece as spm
+
+    exact = _segmentation_probabilities(tok, text, 0.1)
+    assert 5 < len(exact) < 5000 and sum(exact.values()) == pytest.approx(1.0)
+    n = 20_000
+    rng = np.random.default_rng(0)
+    ours = collections.Counter(tuple(tok.encode(text, 0.1, rng)) for _ in range(n))
+    spm.set_random_generator_seed(0)
+    theirs = collections.Counter(tuple(tok._sp.encode(normalize(text), enable_sampling=True, alpha=0.1, nbest_size=-1))
+                                 for _ in range(n))
+    for drawn in (ours, theirs):
+        assert set(drawn) <= set(exact)
+        assert 0.5 * sum(abs(drawn[k] / n - p) for k, p in exact.items()) < 0.03
+    assert all(tok.decode(ids) == tok.decode(tok.encode(text)) for ids in ours)  # the text, <unk> left out
+
+
+def test_sampled_segmentations_repeat_with_the_seed_in_another_process(tok, tmp_path):
+    """sentencepiece's own sampling draws other segmentations in each process for the same seed; ours does not."""
+    import subprocess
+    import sys
+
+    tok.save(tmp_path / "t.model")
+    code = ("import sys, numpy as np; from chatbot.text import Tokenizer; t = Tokenizer.load(sys.argv[1]); "
+            "r = np.random.default_rng(7); print([t.encode('오늘 점심 추천해줘 배고파', 0.1, r) for _ in range(30)])")
+    runs = {subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.model")], capture_output=True, text=True,
+                           check=True, cwd=ROOT).stdout for _ in range(2)}
+    assert len(runs) == 1 and runs.pop().count("[") > 30
+
+
+def test_subword_sampling_needs_a_unigram_tokenizer():
+    from chatbot.config import Config, TrainConfig
+
+    with pytest.raises(ValueError, match="unigram"):
+        Config(tokenizer=TokenizerConfig(model_type="bpe"), train=TrainConfig(subword_alpha=0.1))
+    Config(tokenizer=TokenizerConfig(model_type="bpe"), train=TrainConfig(subword_alpha=0.0))

@@ -100,15 +100,13 @@ def test_every_recipe_loads(recipe):
 
 
 def test_sampled_segmentations_vary_decode_to_the_same_text_and_repeat_with_the_seed(tiny_checkpoint):
-    import sentencepiece as spm
-
     tok = load_checkpoint(tiny_checkpoint).tokenizer
     text = "오늘 점심 추천해줘 배고파"
     assert tok.decode(tok.encode(text)) == text  # every character is in the tiny vocabulary
     draws = []
     for seed in (1, 1, 2):
-        spm.set_random_generator_seed(seed)
-        draws.append([tuple(tok.encode(text, sample_alpha=0.1)) for _ in range(20)])
+        rng = np.random.default_rng(seed)
+        draws.append([tuple(tok.encode(text, sample_alpha=0.1, rng=rng)) for _ in range(20)])
     assert draws[0] == draws[1] != draws[2]  # seeded
     assert len(set(draws[0])) > 1  # more than one segmentation
     assert all(tok.decode(ids) == text for ids in draws[0])  # every one spells the question
