@@ -44,9 +44,10 @@ CSS = """
 #   set as a person would set it (an input event), which runs the slider's own inspect_step event;
 # - hovering a heatmap cell marks the source pieces its reply piece attended to (weight >= HIGHLIGHT, and the
 #   most attended one): their labels turn bold and orange until the pointer leaves;
-# - after every drawing (``plotly_afterplot``: a new figure, a resize), x tick labels that would overlap the
-#   label before them are hidden, whatever the plot's width: every piece stays in the hover
-#   (ui.source_ticks turns a long message's labels first, so that few need hiding).
+# - after every drawing (``plotly_afterplot``: a new figure, a resize), x tick labels that would overlap other
+#   labels are hidden, the least attended (or least probable) pieces' first, whatever the plot's width: the
+#   columns attention goes to keep their names, and every piece stays in the hover (ui.source_ticks turns a
+#   long message's labels first, so that few need hiding).
 HIGHLIGHT = 0.1
 PAGE_JS = """() => {
   const toStep = (e) => {
@@ -69,16 +70,31 @@ PAGE_JS = """() => {
       label.style.display = on || label.dataset.thinned !== '1' ? '' : 'none';
     });
   };
+  const weightsOn = (plot, axis) => {  // per tick value of x axis ``axis`` ('x', 'x2'): how much its traces put there
+    const w = {};
+    for (const d of plot.data || []) {
+      if ((d.xaxis || 'x') !== axis || !d.x) continue;
+      d.x.forEach((x, i) => {
+        if (d.type === 'heatmap') w[x] = Math.max(w[x] || 0, ...(d.z || []).map((row) => row[i] || 0));
+        else if (d.type === 'bar') w[x] = (w[x] || 0) + ((d.y || [])[i] || 0);  // stacked parts add up
+      });
+    }
+    return w;
+  };
   const thinTicks = (plot) => {
-    for (const axis of plot.querySelectorAll('.xaxislayer-above')) {
-      const labels = [...axis.querySelectorAll('g[class$="tick"] > text')];  // xtick, x2tick, ...
-      labels.forEach((t) => { t.style.display = ''; t.dataset.thinned = ''; });
-      const boxes = labels.map((t) => [t, t.getBoundingClientRect()]).filter(([, b]) => b.width > 0)
-        .sort((a, b) => a[1].left + a[1].right - b[1].left - b[1].right);
-      let kept = null;
+    for (const layer of plot.querySelectorAll('.xaxislayer-above')) {
+      const ticks = [...layer.querySelectorAll('g[class$="tick"]')];  // xtick, x2tick, ...
+      if (!ticks.length) continue;
+      const w = weightsOn(plot, ticks[0].getAttribute('class').replace(/tick$/, ''));
+      const labels = ticks.map((g, i) => [g.querySelector('text'), g.__data__ ? g.__data__.x : i]).filter(([t]) => t);
+      labels.forEach(([t]) => { t.style.display = ''; t.dataset.thinned = ''; });
+      // the labels of the most attended (most probable) pieces first; a label that would overlap one kept goes
+      const boxes = labels.map(([t, x]) => [t, t.getBoundingClientRect(), x]).filter(([, b]) => b.width > 0)
+        .sort((a, b) => (w[b[2]] || 0) - (w[a[2]] || 0) || a[2] - b[2]);
+      const kept = [];
       for (const [t, b] of boxes) {
-        if (kept && b.left < kept.right + 1) { t.style.display = 'none'; t.dataset.thinned = '1'; }
-        else kept = b;
+        if (kept.some((k) => b.left < k.right + 1 && k.left < b.right + 1)) { t.style.display = 'none'; t.dataset.thinned = '1'; }
+        else kept.push(b);
       }
     }
     // a recall model's group names (메시지 | 기억 1 · score / question | ...): where two would overlap, every
