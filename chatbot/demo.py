@@ -36,6 +36,8 @@ CSS = """
 #heatmap, #step-plot { min-height: 240px; }
 .gradio-container { max-width: 1400px !important; }
 .katex-display { overflow-x: auto; overflow-y: hidden; padding-bottom: 2px; }
+.model-card table { display: block; overflow-x: auto; }
+.model-card td, .model-card th { white-space: nowrap; }
 """
 # Run once when the page loads (launch's js=); every change to the page (re)attaches plotly listeners to each
 # plot (a plot's div may be re-created; removing a listener first keeps it attached once):
@@ -237,7 +239,7 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
     with gr.Tab("대화 Chat", id="chat"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                model = gr.Dropdown(names, value=names[0], label="모델 checkpoint",
+                model = gr.Dropdown(ui.model_choices(bots), value=names[0], label="모델 checkpoint",
                                     visible=len(names) > 1, interactive=True)
                 topic = gr.Radio(ui.topic_choices(list(bots.values())), value=ui.TOPIC_AUTO, label="주제 topic",
                                  info=ui.TOPIC_HELP, visible=bots[names[0]].reads_topic, elem_id="topic")
@@ -246,7 +248,7 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                                   group_consecutive_messages=False,  # a prompt never joins the reply above it
                                   placeholder="무엇이든 한국어로 말을 걸어 보세요. (Say something in Korean.)")
                 with gr.Row():
-                    msg = gr.Textbox(show_label=False, placeholder="메시지를 입력하고 Enter (type and press Enter)",
+                    msg = gr.Textbox(show_label=False, placeholder="메시지 + Enter (message)",
                                      max_length=ui.MAX_INPUT_CHARS, scale=6, autofocus=True, elem_id="msg")
                     send = gr.Button("보내기 Send", variant="primary", scale=1, min_width=90)
                     stop = gr.Button("멈춤 Stop", variant="stop", scale=1, min_width=90, visible=False)
@@ -269,7 +271,8 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                                             elem_id="turn-pick", scale=3)
                     replay, pace = _replay_controls()
                 nbest = gr.Dataframe(headers=ui.NBEST_HEADERS, value=[], interactive=False, wrap=True,
-                                     elem_id="nbest", label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row)")
+                                     elem_id="nbest", label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row) · 점수: 로그 확률, 빔은 "
+                                           "길이 보정 (log-probability; beam: length-normalised)")
                 step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector", visible=False,
                                  elem_id="step")  # shown once a reply has pieces to step through
                 step_plot = gr.Plot(ui.step_figure(None, 1), label="후보 확률과 어텐션 candidates & attention",
@@ -309,8 +312,9 @@ def _decoding_controls() -> list[gr.components.Component]:
 
 def _compare_tab(bots: dict[str, ChatBot]) -> CompareTab:
     with gr.Tab("비교 Compare", id="compare"):
-        gr.Markdown("같은 메시지에 불러온 모델마다 답합니다 (greedy). "
-                    "`python app.py --checkpoint A --checkpoint B` 로 여러 체크포인트를 불러오세요.")
+        gr.Markdown("같은 메시지에 불러온 모델이 모두 답합니다 (greedy). (Every loaded model answers the same "
+                    "message, greedy.) 직접 실행할 때 고를 수 있어요 (run your own: "
+                    "`python app.py --checkpoint A --checkpoint B`).")
         with gr.Row():
             msg = gr.Textbox(show_label=False, placeholder="비교할 메시지 message to compare",
                              max_length=ui.MAX_INPUT_CHARS, scale=6)
@@ -339,7 +343,7 @@ def _about_tab(bots: dict[str, ChatBot], length_plot: Path) -> None:
             with gr.Accordion(f"모델 카드 model card · {name}", open=len(bots) == 1):
                 if bot.config.tokenizer.morphemes:
                     gr.Markdown("⚠️ 이 체크포인트는 konlpy 형태소 분석을 써서 Java 런타임(JRE)이 필요해요.")
-                gr.Markdown(ui.model_card(bot))
+                gr.Markdown(ui.model_card(bot), elem_classes=["model-card"])
                 gr.Plot(ui.training_figure(bot.path), label="학습 곡선 training curves")
                 _attention_epochs(bot, i)
 

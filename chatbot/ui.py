@@ -33,7 +33,7 @@ MAX_TURNS = 10  # turns a session keeps for the turn picker (each holds its repl
 EXAMPLES = ["오늘 너무 힘들었어", "헤어진 지 한 달 됐어", "좋아하는 사람이 생겼어", "주말에 뭐 하지"]
 STRATEGY_CHOICES = [(label, value) for value, label in STRATEGY_LABELS.items()]  # the radio's (label, value)
 NO_ATTENTION_NOTE = "이 모델은 어텐션이 없어요 (no-attention baseline): 보여 줄 히트맵이 없습니다."
-NBEST_HEADERS = ["순위 rank", "답변 reply", "점수 score"]
+NBEST_HEADERS = ["순위 rank", "답변 reply", "점수 log p"]
 TOPIC_AUTO = "auto"  # the topic radio's value for "predict it from the message"
 TOPIC_HELP = ("이 모델은 질문과 함께 주제(말뭉치의 label)를 읽어요. 자동이면 메시지에서 예측합니다. "
               "같은 메시지를 주제만 바꿔 보내 보세요. (This model reads a topic; auto predicts it.)")
@@ -46,6 +46,9 @@ FIGURE_INTERVAL = 0.25  # seconds between two heatmaps of a streaming reply; its
 FIGURE_SHARE = 4.0  # ... and at least this many times as long as the last heatmap took to build
 UPRIGHT_PIECES = 12  # source pieces whose labels stand upright; more are turned to read bottom to top
 LABEL_ROOM = 60  # px a figure grows by for its turned labels (their margin; the rows keep their height)
+# the heatmaps' colour bar: the same ticks in every frame of a stream or replay (plotly picks its own per frame)
+WEIGHT_BAR = dict(title=dict(text="가중치<br>weight"), tickmode="array", tickvals=[0, 0.25, 0.5, 0.75, 1],
+                  ticktext=["0", ".25", ".5", ".75", "1"])
 REPLAY_PACE = (1.0, 10.0, 3.0)  # the replay's pieces per second: lowest, highest, default
 REPLAY_LABEL = "▶ 다시 보기 replay"
 
@@ -238,7 +241,7 @@ def attention_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str],
     src, rep = [literal(p) for p in source_tokens], [literal(p) for p in reply_tokens[:R]]
     fig = go.Figure(go.Heatmap(
         z=att.round(4).tolist(), x=list(range(S)), y=list(range(R)), zmin=0.0, zmax=1.0,
-        colorscale="Blues", colorbar=dict(title=dict(text="weight"), thickness=12),
+        colorscale="Blues", colorbar=dict(WEIGHT_BAR, thickness=12),
         customdata=[[[s, r] for s in src] for r in rep], xgap=1, ygap=1,
         hovertemplate="입력 source: %{customdata[0]}<br>출력 reply: %{customdata[1]}"
                       "<br>가중치 weight: %{z:.3f}<extra></extra>"))
@@ -261,10 +264,10 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
     # the group names go this far (px) above the plot: past the labels, which a long message turns
     lift = 8 + 11 * max(len(p) for p in source_tokens[:S]) if S > UPRIGHT_PIECES else 44
     top = max(130, lift + 56)  # the names take two lines
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.93, 0.07], shared_yaxes=True, horizontal_spacing=0.01)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.9, 0.1], shared_yaxes=True, horizontal_spacing=0.01)
     fig.add_trace(go.Heatmap(
         z=att.round(4).tolist(), x=list(range(S)), y=list(range(R)), zmin=0.0, zmax=1.0,
-        colorscale="Blues", colorbar=dict(title=dict(text="weight"), thickness=12, x=1.02),
+        colorscale="Blues", colorbar=dict(WEIGHT_BAR, thickness=12, x=1.02),
         customdata=[[[s, r, grp] for s, grp in zip(src, group_of)] for r in rep], xgap=1, ygap=1,
         hovertemplate="%{customdata[2]} · 입력 source: %{customdata[0]}<br>출력 reply: %{customdata[1]}"
                       "<br>가중치 weight: %{z:.3f}<extra></extra>"), 1, 1)
@@ -282,17 +285,18 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
     if weight:
         fig.add_trace(go.Heatmap(
             z=z, x=[0], y=list(range(R)), zmin=0.0, zmax=1.0, colorscale="Oranges",
-            showscale=False, xgap=1, ygap=1, customdata=hover,
+            showscale=False, xgap=1, ygap=1, customdata=hover, texttemplate="%{z:.0%}", textfont=dict(size=9),
             hovertemplate="%{customdata}<extra></extra>"), 1, 2)
     for g in groups[1:]:  # a line before each recall, its name and score above its columns
         fig.add_vline(x=g.start - 0.5, line=dict(color="#e6550d", width=2), row=1, col=1)
     for g in groups:
-        label = g.name if not g.question else f"{g.name} · {g.score:.2f}<br>{literal(textwrap.shorten(g.question, 14, placeholder='…'))}"
+        label = g.name if not g.question else f"{g.name} · 유사도 {g.score:.2f}<br>{literal(textwrap.shorten(g.question, 14, placeholder='…'))}"
         fig.add_annotation(x=(g.start + g.end - 1) / 2, y=1.0, xref="x", yref="paper", yanchor="bottom", yshift=lift,
                            text=label, showarrow=False, font=dict(size=11, color="#e6550d" if g.question else "#333"),
                            hovertext=literal(f"{g.question} → {g.answer}") if g.question else "입력 메시지 the message")
     fig.update_xaxes(side="top", **source_ticks(source_tokens), row=1, col=1)
-    fig.update_xaxes(tickmode="array", tickvals=[0], ticktext=["복사<br>copy"], side="top", row=1, col=2)
+    strip = "복사<br>copied" if pieces_copied is not None else "1−g"  # a piece's copied share, or the gate's copy weight
+    fig.update_xaxes(tickmode="array", tickvals=[0], ticktext=[strip], side="top", row=1, col=2)
     fig.update_yaxes(tickmode="array", tickvals=list(range(R)), ticktext=rep, autorange="reversed",
                      title=dict(text="답변 조각 reply pieces"), row=1, col=1)
     fig = _layout(fig, title, height=max(320, 190 + 26 * R) + top - 130, top=120)
@@ -358,7 +362,11 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
                                                                    font=dict(size=10))))
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(cands))), ticktext=[literal(c.piece) for c in cands],
                      row=1, col=1)
-    fig.update_yaxes(range=[0, 1], title=dict(text="확률 prob"), row=1, col=1)
+    totals = [c.prob for c in cands]
+    fig.data[len(fig.data) - 1].update(text=[f"{p:.0%}" if p >= 0.005 else "<1%" for p in totals],
+                                       textposition="outside", textfont=dict(size=10), cliponaxis=False)
+    fig.update_yaxes(range=[0, min(1.0, 1.25 * max(totals, default=1.0)) or 1.0], title=dict(text="확률 prob"),
+                     row=1, col=1)
     if has_att:
         row = np.asarray(reply.attention[t], dtype=float)
         src = [literal(p) for p in reply.source_tokens]
@@ -376,7 +384,7 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
     source = (f"<br><span style='font-size:13px'>← {mine.source}에서 복사 copied from {mine.source} ({mine.copied:.0%})</span>"
               if mine is not None and mine.source and (mine.copied or 0) >= 0.5 else "")
     extra = 22 if source else 0  # the title's second line
-    return _layout(fig, f"선택된 조각 chosen: {literal(chosen)}{source}",
+    return _layout(fig, f"선택된 조각 chosen: 「{literal(chosen)}」{source}",
                    height=(600 + LABEL_ROOM if stacked else 360) + extra, top=90 + extra)
 
 
@@ -411,7 +419,9 @@ def training_figure(ckpt_dir: str | Path | None) -> go.Figure:
         line(chrf, "val chrF", row=2, mode="lines+markers", line=dict(color="#31a354"))
         fig.update_yaxes(title=dict(text="chrF"), row=2, col=1)
     fig.update_xaxes(title=dict(text="step"), row=len(specs), col=1)
-    return _layout(fig, "학습 곡선 training curves", height=480 if chrf else 360)
+    fig = _layout(fig, "학습 곡선 training curves", height=(480 if chrf else 360) + 50)
+    return fig.update_layout(legend=dict(orientation="h", x=0.5, xanchor="center", y=-0.12, yanchor="top"),
+                             margin=dict(b=60))  # under the plot: beside it, it covers the perplexity axis on a phone
 
 
 # ---------------------------------------------------------------- attention over the epochs
@@ -419,7 +429,9 @@ EPOCHS_TEXT = ("#### 학습이 진행되면서 어텐션이 정렬되는 모습 
                "학습 중 에폭마다 같은 메시지 몇 개에 답하게 하고 그 어텐션을 기록했어요. 슬라이더로 에폭을 옮기면 "
                "처음의 흐릿한 가중치가 입력 조각에 정렬되는 과정을 볼 수 있습니다. (After every epoch, training "
                "answered the same few messages (greedy) and kept their attention: slide through the epochs to "
-               "watch alignment emerge from noise.)")
+               "watch alignment emerge from noise.) 기억 모델은 기억한 답변을 따라 읽도록 직접 배우기 때문에 "
+               "(copy_alignment) 첫 에폭부터 또렷해요. (A recall model is taught to follow a recalled answer, so "
+               "its attention is sharp from the first epoch.)")
 NO_PROBE_NOTE = ("이 체크포인트는 에폭별 어텐션을 기록하기 전에 학습되었어요. (This checkpoint was trained before "
                  "attention was recorded per epoch.)")
 
@@ -566,7 +578,7 @@ def nbest_rows(reply: Reply | None) -> list[list[Any]]:
     if reply is None or not reply.generated:
         return []
     hyps = reply.n_best or [reply]
-    return [[i + 1, h.text, round(float(h.score), 4)] for i, h in enumerate(hyps)]
+    return [[i + 1, h.text, f"{float(h.score):.4f}"] for i, h in enumerate(hyps)]
 
 
 @dataclass
@@ -599,13 +611,14 @@ def turn_view(turns: Sequence[Turn] | None, index: Any = None, hypothesis: int =
     reply = shown_reply(turns, index, hypothesis)
     if reply is None:
         return TurnView(reply_figure(None), [], 0, step_figure(None, 1), "")
-    status = f"{len(reply.source_tokens)}개 입력 조각 → {len(reply.reply_tokens)}개 답변 조각"
+    status = (f"{len(reply.source_tokens)}개 입력 조각 → {len(reply.reply_tokens)}개 답변 조각 "
+              f"({len(reply.source_tokens)} source → {len(reply.reply_tokens)} reply pieces)")
     if reply.groups:  # a recall model: the message, its recalls, how much it copied
         shares = [c for c, _ in pieces_copied(reply) or [] if c is not None]
         copied = float(np.mean(shares)) if shares else 0.0  # the pieces' own copied shares (the strip)
         status = (f"메시지 {len(reply.message_tokens)}조각 + 기억 {len(reply.groups) - 1}개 "
                   f"({len(reply.source_tokens) - len(reply.message_tokens)}조각) → {len(reply.reply_tokens)}개 답변 조각"
-                  f" · 평균 복사 copied {copied:.0%}")
+                  f" · 평균 복사 mean copied {copied:.0%}")
     if hypothesis:
         status += f" · {hypothesis + 1}번째 후보 hypothesis"
     if reply.attention is None:
@@ -692,11 +705,26 @@ def model_card(bot: ChatBot) -> str:
     return f"`{bot.name}`: 모델 카드(README.md)가 없어요."
 
 
+ATTENTION_KINDS = {"none": "어텐션 없음 no attention", "dot": "어텐션 attention (Luong dot)",
+                   "general": "어텐션 attention (Luong general)", "additive": "더하기 어텐션 additive (Bahdanau)"}
+
+
+def model_kind(bot: ChatBot) -> str:
+    """What sets a checkpoint apart, in a few words: its attention, recall and topic input."""
+    m = bot.config.model
+    kind = f"기억 {m.recall_k}개 + 복사 recall & copy" if m.recall_k else ATTENTION_KINDS.get(m.attention, m.attention)
+    return kind + (" · 주제 입력 topic" if m.num_topics else "")
+
+
+def model_choices(bots: dict[str, ChatBot]) -> list[tuple[str, str]]:
+    """The model dropdown's (label, value): each checkpoint's name and what sets it apart."""
+    return [(f"{name} — {model_kind(bot)}", name) for name, bot in bots.items()]
+
+
 def describe(bot: ChatBot, name: str | None = None) -> str:
     """One markdown line on a loaded checkpoint (``name``: how the demo calls it)."""
     m = bot.config.model
-    topic = " · 주제 입력 reads a topic" if m.num_topics else ""
-    return f"**{literal(name or bot.name)}** · {m.rnn.upper()} {m.hidden_dim} · attention `{m.attention}`{topic}"
+    return f"**{literal(name or bot.name)}** · {m.rnn.upper()} {m.hidden_dim} · {model_kind(bot)}"
 
 
 ATTENTION_EXPLAINED = r"""

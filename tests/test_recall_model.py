@@ -205,17 +205,23 @@ def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint, tiny_b
     no_candidates = ui.attention_figure(r.source_tokens, r.reply_tokens, r.attention, None, r.groups, r.gate)
     np.testing.assert_allclose([row[0] for row in no_candidates.data[1].z], 1 - r.gate, atol=1e-3)
     names = [a.text for a in fig.layout.annotations]
-    assert names[0] == "메시지" and all(n.startswith(f"기억 {k} · {g.score:.2f}") for k, (n, g)
+    assert names[0] == "메시지" and all(n.startswith(f"기억 {k} · 유사도 {g.score:.2f}") for k, (n, g)
                                        in enumerate(zip(names[1:], r.groups[1:]), 1))
+    assert strip.texttemplate == "%{z:.0%}" and fig.layout.xaxis2.ticktext == ("복사<br>copied",)  # shares printed
+    assert no_candidates.layout.xaxis2.ticktext == ("1−g",)  # without candidates it is the gate's weight
+    assert "기억" in ui.model_kind(ChatBot.from_checkpoint(recall_checkpoint, device="cpu"))  # the dropdown says so
     assert [s.x0 for s in fig.layout.shapes] == [g.start - 0.5 for g in r.groups[1:]]
     status = ui.turn_view([ui.Turn("헤어진 지 한 달 됐어", r)]).status
-    assert f"기억 {len(r.groups) - 1}개" in status and "복사 copied" in status
+    assert f"기억 {len(r.groups) - 1}개" in status and "복사 mean copied" in status
     step = ui.step_figure(r, 1)
     assert step.layout.barmode == "stack"  # generated and copied parts of each candidate, named in a legend
     assert [t.name for t in step.data if t.showlegend] == ["생성 generated", "복사 copied"]
     assert step.data[2].showlegend is False  # the attention row needs no legend entry
     assert [a.text for a in step.layout.annotations][-len(r.groups):] == [g.name for g in r.groups]  # its groups
     assert [s.x0 for s in step.layout.shapes] == [g.start - 0.5 for g in r.groups[1:]]
+    totals = [c.prob for c in r.candidates[0]]
+    assert list(step.data[1].text) == [f"{p:.0%}" if p >= 0.005 else "<1%" for p in totals]  # each bar's total on top
+    assert max(totals) <= step.layout.yaxis.range[1] <= 1.0
     first = next(c for c in r.candidates[0] if c.piece == r.reply_tokens[0])
     assert ("← " + str(first.source) in step.layout.title.text) == bool(first.source and first.copied >= 0.5)
     assert not any(t.showlegend for t in ui.step_figure(tiny_bot.reply("헤어진 지 한 달 됐어"), 1).data)  # no recall

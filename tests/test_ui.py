@@ -221,8 +221,9 @@ def test_beam_nbest_table_and_each_hypothesis_has_its_heatmap(tiny_bot):
     *_, (history, fig, turns) = ui.chat_stream(tiny_bot, MSG, [], [], **kw)
     view = ui.turn_view(turns)
     assert [r[0] for r in view.nbest] == [1, 2, 3]
-    scores = [r[2] for r in view.nbest]
+    scores = [float(r[2]) for r in view.nbest]
     assert scores == sorted(scores, reverse=True)
+    assert all(len(r[2].split(".")[1]) == 4 for r in view.nbest)  # four decimals each, so the column lines up
     hyp = turns[0].reply.n_best[2]
     second = ui.turn_view(turns, 0, hypothesis=2)
     assert len(second.heatmap.data[0].z) == len(hyp.reply_tokens) == second.steps
