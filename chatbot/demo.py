@@ -180,8 +180,8 @@ def model_limits(total: int | None = None) -> dict[str, int]:
     return {"chat": max(1, n // 2), "reply": max(1, n - n // 2)}
 
 
-DECODING_ROWS = (("beam_size", "length_penalty"), ("temperature", "top_k"), ("top_p", "max_len"),
-                 ("no_repeat_ngram", "repetition_penalty"))  # the sliders, two a row
+DECODING_ROWS = (("beam_size", "length_penalty"), ("temperature", "top_k", "top_p"),
+                 ("max_len", "no_repeat_ngram", "repetition_penalty"))  # the sliders: beam's, sampling's, everyone's
 
 
 def build_demo(bots: dict[str, ChatBot], length_plot: str | Path = LENGTH_PLOT) -> gr.Blocks:
@@ -297,16 +297,21 @@ def _decoding_controls() -> list[gr.components.Component]:
     label); returned in ui.CONTROLS order, the order the callbacks take them."""
     with gr.Accordion("디코딩 설정 Decoding", open=False):
         spec = OPTIONS["strategy"]
-        built: dict[str, gr.components.Component] = {
-            "strategy": gr.Radio(ui.STRATEGY_CHOICES, value=spec.default, label=spec.label)}
+        strategy = gr.Radio(ui.STRATEGY_CHOICES, value=spec.default, label=spec.label)
+        built: dict[str, gr.components.Component] = {"strategy": strategy}
+        gr.Markdown("고른 전략이 쓰는 설정만 보여요: 빔 크기·길이 보정은 빔 탐색, 온도·top-k·top-p는 샘플링. "
+                    "(Only the settings the chosen strategy uses are shown: beam size and length penalty for "
+                    "beam search, temperature, top-k and top-p for sampling.)")
         for row in DECODING_ROWS:
             with gr.Row():
                 for name in row:
                     spec = OPTIONS[name]
                     built[name] = gr.Slider(spec.low, spec.high, value=spec.default, step=spec.step,
-                                            label=spec.label)
-        gr.Markdown("빔 크기·길이 보정은 빔 탐색에, 온도·top-k·top-p는 샘플링에 쓰여요. "
-                    "(beam size / length penalty: beam; temperature / top-k / top-p: sampling)")
+                                            label=spec.label, visible=OPTIONS["strategy"].default in spec.strategies)
+        sliders = [name for row in DECODING_ROWS for name in row]
+        strategy.change(lambda chosen: [gr.update(visible=chosen in OPTIONS[name].strategies) for name in sliders],
+                        inputs=[strategy], outputs=[built[name] for name in sliders], api_name="show_controls",
+                        api_visibility="private", queue=False)
     return [built[name] for name in ui.CONTROLS]
 
 

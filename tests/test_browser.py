@@ -480,3 +480,28 @@ def test_hovering_a_cell_marks_the_source_pieces_its_reply_piece_attended_to(fre
         assert bold in ("bold", "700")
     page.mouse.move(5, 5)  # away from the heatmap: nothing marked
     page.wait_for_function(f"() => ({marked})().length === 0", timeout=10_000)
+
+
+def test_the_decoding_panel_shows_only_the_settings_of_the_chosen_strategy(fresh_page, served):
+    """Greedy shows the settings every strategy uses; beam adds beam size and length penalty, sampling
+    temperature, top-k and top-p."""
+    from chatbot.search import OPTIONS, STRATEGY_LABELS
+
+    page = fresh_page
+    page.get_by_text("디코딩 설정 Decoding").click()
+    names = ("beam_size", "length_penalty", "temperature", "top_k", "top_p", "max_len", "no_repeat_ngram",
+             "repetition_penalty")
+    shown = """labels => [...document.querySelectorAll('input[type=range]')].filter(i => i.offsetParent !== null)
+      .map(i => i.closest('.block').innerText.split('\\n')[0].trim()).filter(l => labels.includes(l)).sort()"""
+
+    def expect(strategy: str) -> None:
+        want = sorted(OPTIONS[n].label for n in names if strategy in OPTIONS[n].strategies)
+        page.wait_for_function(f"labels => JSON.stringify(({shown})(labels)) === "
+                               f"{json.dumps(json.dumps(want, ensure_ascii=False, separators=(',', ':')))}",
+                               arg=[OPTIONS[n].label for n in names], timeout=10_000)
+
+    expect("greedy")
+    for strategy in ("beam", "sample", "greedy"):
+        page.get_by_label(STRATEGY_LABELS[strategy]).check()
+        expect(strategy)
+    assert page.errors == []
