@@ -38,6 +38,13 @@ CSS = """
 .katex-display { overflow-x: auto; overflow-y: hidden; padding-bottom: 2px; }
 .model-card table { display: block; overflow-x: auto; }
 .model-card td, .model-card th { white-space: nowrap; }
+/* a phone stacks the columns: the heatmap follows the chat, the settings and the API come after it */
+@media (max-width: 767px) {
+  #chat-row { flex-direction: column; flex-wrap: nowrap; }
+  #chat-col { display: contents; }
+  #view-col { order: 1; }
+  #chat-row .chat-extras { order: 2; }
+}
 """
 # Run once when the page loads (launch's js=); every change to the page (re)attaches plotly listeners to each
 # plot (a plot's div may be re-created; removing a listener first keeps it attached once):
@@ -237,8 +244,8 @@ class CompareTab:
 def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
     names = list(bots)
     with gr.Tab("대화 Chat", id="chat"):
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5):
+        with gr.Row(equal_height=False, elem_id="chat-row"):
+            with gr.Column(scale=5, elem_id="chat-col"):
                 model = gr.Dropdown(ui.model_choices(bots), value=names[0], label="모델 checkpoint",
                                     visible=len(names) > 1, interactive=True)
                 topic = gr.Radio(ui.topic_choices(list(bots.values())), value=ui.TOPIC_AUTO, label="주제 topic",
@@ -257,12 +264,12 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                 gr.Examples(ui.EXAMPLES, inputs=[msg], label="예시 examples", cache_examples=False,
                             api_name="load_example", api_visibility="private")
                 controls = _decoding_controls()
-                with gr.Accordion("API · JSON (/reply)", open=False):
+                with gr.Accordion("API · JSON (/reply)", open=False, elem_classes=["chat-extras"]):
                     gr.Markdown("`gradio_client.Client(url).predict(\"안녕\", api_name=\"/reply\")` 와 같은 결과입니다.")
                     api_msg = gr.Textbox(label="message", max_length=ui.MAX_INPUT_CHARS, value="오늘 너무 힘들었어")
                     api_btn = gr.Button("JSON 보기 Show JSON")
                     api_out = gr.JSON(label="reply JSON")
-            with gr.Column(scale=6):
+            with gr.Column(scale=6, elem_id="view-col"):
                 heatmap = gr.Plot(ui.reply_figure(None), label="어텐션 히트맵 attention heatmap", elem_id="heatmap",
                                   show_label=False)  # its badge covered the figure's top titles
                 status = gr.Markdown("", elem_id="status")
@@ -295,7 +302,7 @@ def _replay_controls() -> tuple[gr.Button, gr.Slider]:
 def _decoding_controls() -> list[gr.components.Component]:
     """The decoding accordion, every control built from its DecodeOptions field (range, step, default,
     label); returned in ui.CONTROLS order, the order the callbacks take them."""
-    with gr.Accordion("디코딩 설정 Decoding", open=False):
+    with gr.Accordion("디코딩 설정 Decoding", open=False, elem_classes=["chat-extras"]):
         spec = OPTIONS["strategy"]
         strategy = gr.Radio(ui.STRATEGY_CHOICES, value=spec.default, label=spec.label)
         built: dict[str, gr.components.Component] = {"strategy": strategy}

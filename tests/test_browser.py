@@ -505,3 +505,21 @@ def test_the_decoding_panel_shows_only_the_settings_of_the_chosen_strategy(fresh
         page.get_by_label(STRATEGY_LABELS[strategy]).check()
         expect(strategy)
     assert page.errors == []
+
+
+def test_on_a_phone_the_heatmap_follows_the_chat_and_the_settings_come_after_it(served, browser):
+    """At 420 px the columns stack: message box, then the heatmap, then the decoding and API panels (they used to
+    sit between the two, a screen and more away from the reply). At 1400 px the heatmap stays beside the chat."""
+    boxes = """() => Object.fromEntries([['msg', '#msg'], ['heatmap', '#heatmap'],
+      ['settings', '.chat-extras']].map(([k, s]) => [k, document.querySelector(s).getBoundingClientRect().toJSON()]))"""
+    for width in (420, 1400):
+        page = browser.new_page(viewport={"width": width, "height": 900}, locale="ko-KR")
+        page.goto(served[0])
+        page.wait_for_selector("#heatmap .js-plotly-plot", timeout=30_000)
+        b = page.evaluate(boxes)
+        if width == 420:
+            assert b["msg"]["bottom"] <= b["heatmap"]["top"] < b["settings"]["top"], b
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
+        else:
+            assert b["heatmap"]["left"] >= b["msg"]["right"] and b["settings"]["top"] > b["msg"]["bottom"], b
+        page.close()
