@@ -42,6 +42,7 @@ CSS = """
 @media (max-width: 767px) {
   #chat-row { flex-direction: column; flex-wrap: nowrap; }
   #chat-col { display: contents; }
+  #chat-row > *, #chat-col > * { width: 100%; min-width: 0; }
   #view-col { order: 1; }
   #chat-row .chat-extras { order: 2; }
 }

@@ -263,7 +263,7 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
     group_of = [next((g.name for g in groups if g.start <= i < g.end), "") for i in range(S)]
     # the group names go this far (px) above the plot: past the labels, which a long message turns
     lift = 8 + 11 * max(len(p) for p in source_tokens[:S]) if S > UPRIGHT_PIECES else 44
-    top = max(130, lift + 56)  # the names take two lines
+    top = lift + 56 + (36 if title else 0)  # the names take two lines, the title (the epoch log's) one more
     fig = make_subplots(rows=1, cols=2, column_widths=[0.9, 0.1], shared_yaxes=True, horizontal_spacing=0.01)
     fig.add_trace(go.Heatmap(
         z=att.round(4).tolist(), x=list(range(S)), y=list(range(R)), zmin=0.0, zmax=1.0,
@@ -290,7 +290,8 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
     for g in groups[1:]:  # a line before each recall, its name and score above its columns
         fig.add_vline(x=g.start - 0.5, line=dict(color="#e6550d", width=2), row=1, col=1)
     for g in groups:
-        label = g.name if not g.question else f"{g.name} · 유사도 {g.score:.2f}<br>{literal(textwrap.shorten(g.question, 14, placeholder='…'))}"
+        label = (f"{g.name}<br>message" if not g.question else  # two lines each, so the names line up
+                 f"{g.name} · 유사도 {g.score:.2f}<br>{literal(textwrap.shorten(g.question, 14, placeholder='…'))}")
         fig.add_annotation(x=(g.start + g.end - 1) / 2, y=1.0, xref="x", yref="paper", yanchor="bottom", yshift=lift,
                            text=label, showarrow=False, font=dict(size=11, color="#e6550d" if g.question else "#333"),
                            hovertext=literal(f"{g.question} → {g.answer}") if g.question else "입력 메시지 the message")

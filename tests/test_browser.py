@@ -522,4 +522,7 @@ def test_on_a_phone_the_heatmap_follows_the_chat_and_the_settings_come_after_it(
             assert page.evaluate("document.documentElement.scrollWidth") <= width
         else:
             assert b["heatmap"]["left"] >= b["msg"]["right"] and b["settings"]["top"] > b["msg"]["bottom"], b
+            page.set_viewport_size({"width": 420, "height": 900})  # turned to a phone's width: the plot follows
+            page.wait_for_function("() => document.querySelector('#heatmap .main-svg').getBoundingClientRect().right"
+                                   " <= 420 && document.documentElement.scrollWidth <= 420", timeout=10_000)
         page.close()

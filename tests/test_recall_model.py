@@ -205,7 +205,7 @@ def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint, tiny_b
     no_candidates = ui.attention_figure(r.source_tokens, r.reply_tokens, r.attention, None, r.groups, r.gate)
     np.testing.assert_allclose([row[0] for row in no_candidates.data[1].z], 1 - r.gate, atol=1e-3)
     names = [a.text for a in fig.layout.annotations]
-    assert names[0] == "메시지" and all(n.startswith(f"기억 {k} · 유사도 {g.score:.2f}") for k, (n, g)
+    assert names[0] == "메시지<br>message" and all(n.startswith(f"기억 {k} · 유사도 {g.score:.2f}") for k, (n, g)
                                        in enumerate(zip(names[1:], r.groups[1:]), 1))
     assert strip.texttemplate == "%{z:.0%}" and fig.layout.xaxis2.ticktext == ("복사<br>copied",)  # shares printed
     assert no_candidates.layout.xaxis2.ticktext == ("1−g",)  # without candidates it is the gate's weight
