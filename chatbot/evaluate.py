@@ -235,7 +235,9 @@ def plot_chrf_by_length(results: Sequence[dict[str, Any]], path: str) -> None:
 
     if any("Nanum" in f.name for f in font_manager.fontManager.ttflist):
         plt.rcParams["font.family"] = "NanumGothic"  # Hangul labels need a Korean font
-    series = [(f"{r['attention']} ({r['checkpoint'].rstrip('/').split('/')[-1]})", r["chrf_by_source_length"]["model"])
+    def kind(r: dict[str, Any]) -> str:
+        return "recall + copy" if r.get("recall") else "no attention" if r["attention"] == "none" else f"{r['attention']} attention"
+    series = [(f"{r['checkpoint'].rstrip('/').split('/')[-1]}: {kind(r)}", r["chrf_by_source_length"]["model"])
               for r in results]
     series.append(("retrieval (TF-IDF)", results[0]["chrf_by_source_length"]["retrieval_baseline"]))
     buckets = [row["bucket"] for row in series[0][1]]
