@@ -7,6 +7,7 @@ trained and when the chatbot serves a reply, so the two never drift apart. The
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import logging
@@ -166,7 +167,6 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, model_proto: bytes, morphemes: bool = False):
         self._sp = processor
         self._proto = model_proto
-        self._sampler: SubwordSampler | None = None  # built on the first sampled encode
         self.morphemes = morphemes
         found = tuple(processor.id_to_piece(i) for i in range(len(SPECIAL_PIECES)))
         ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
@@ -263,7 +263,7 @@ class Tokenizer:
         if not text:
             return []
         if sample_alpha > 0:
-            sampler = self._sampler or self._make_sampler()
+            sampler = self._sampler
             rng = rng if rng is not None else np.random.default_rng()
             encode = lambda chunk: sampler.sample(chunk, sample_alpha, rng)  # noqa: E731
         else:
@@ -276,9 +276,9 @@ class Tokenizer:
             chunks.extend(word[1:])
         return list(itertools.chain.from_iterable(encode(c) for c in chunks))
 
-    def _make_sampler(self) -> "SubwordSampler":
-        self._sampler = SubwordSampler(self._proto)
-        return self._sampler
+    @functools.cached_property
+    def _sampler(self) -> "SubwordSampler":  # built on the first sampled encode
+        return SubwordSampler(self._proto)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special ids (pad, unk, bos, eos) skipped. Cut at eos first."""
