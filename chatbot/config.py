@@ -122,8 +122,8 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.train.subword_alpha > 0 and self.tokenizer.model_type != "unigram":
-            raise ValueError("train.subword_alpha > 0 samples segmentations of a unigram tokenizer: set "
-                             f"tokenizer.model_type: unigram or train.subword_alpha: 0 (got {self.tokenizer.model_type})")
+            raise ValueError("train.subword_alpha > 0 samples segmentations of a unigram tokenizer: set tokenizer."
+                             f"model_type: unigram or train.subword_alpha: 0 (got {self.tokenizer.model_type})")
         if self.model.recall_k and self.train.teacher_forcing < 1.0:  # refused here, not at the first step
             raise ValueError("a recall model (model.recall_k > 0) trains teacher-forced: train.teacher_forcing "
                              f"must be 1, got {self.train.teacher_forcing}")

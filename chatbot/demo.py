@@ -103,8 +103,8 @@ PAGE_JS = """() => {
         .sort((a, b) => (w[b[2]] || 0) - (w[a[2]] || 0) || a[2] - b[2]);
       const kept = [];
       for (const [t, b] of boxes) {
-        if (kept.some((k) => b.left < k.right + 1 && k.left < b.right + 1)) { t.style.display = 'none'; t.dataset.thinned = '1'; }
-        else kept.push(b);
+        const overlaps = kept.some((k) => b.left < k.right + 1 && k.left < b.right + 1);
+        if (overlaps) { t.style.display = 'none'; t.dataset.thinned = '1'; } else kept.push(b);
       }
     }
     // a recall model's group names (메시지 | 기억 1 · score / question | ...): where two would overlap, every
@@ -278,9 +278,9 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                     turn_pick = gr.Dropdown([], value=None, label="이전 대화 보기 earlier turns", interactive=True,
                                             elem_id="turn-pick", scale=3)
                     replay, pace = _replay_controls()
-                nbest = gr.Dataframe(headers=ui.NBEST_HEADERS, value=[], interactive=False, wrap=True,
-                                     elem_id="nbest", label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row) · 점수: 로그 확률, 빔은 "
-                                           "길이 보정 (log-probability; beam: length-normalised)")
+                nbest = gr.Dataframe(headers=ui.NBEST_HEADERS, value=[], interactive=False, wrap=True, elem_id="nbest",
+                                     label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row) · 점수: 로그 "
+                                           "확률, 빔은 길이 보정 (log-probability; beam: length-normalised)")
                 step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector", visible=False,
                                  elem_id="step")  # shown once a reply has pieces to step through
                 step_plot = gr.Plot(ui.step_figure(None, 1), label="후보 확률과 어텐션 candidates & attention",

@@ -292,10 +292,11 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
     for g in groups:
         label = (f"{g.name}<br>message" if not g.question else  # two lines each, so the names line up
                  f"{g.name} · 유사도 {g.score:.2f}<br>{literal(textwrap.shorten(g.question, 14, placeholder='…'))}")
+        whole = ("<br>".join(textwrap.wrap(literal(f"{g.question} → {g.answer}"), 18, break_long_words=False))
+                 if g.question else "입력 메시지 the message")  # in lines that fit a phone
         fig.add_annotation(x=(g.start + g.end - 1) / 2, y=1.0, xref="x", yref="paper", yanchor="bottom", yshift=lift,
                            text=label, showarrow=False, font=dict(size=11, color="#e6550d" if g.question else "#333"),
-                           hovertext=("<br>".join(textwrap.wrap(literal(f"{g.question} → {g.answer}"), 18, break_long_words=False))
-                                      if g.question else "입력 메시지 the message"))  # lines that fit a phone
+                           hovertext=whole)
     fig.update_xaxes(side="top", **source_ticks(source_tokens), row=1, col=1)
     strip = "복사<br>copied" if pieces_copied is not None else "1−g"  # a piece's copied share, or the gate's copy weight
     fig.update_xaxes(tickmode="array", tickvals=[0], ticktext=[strip], side="top", row=1, col=2)
