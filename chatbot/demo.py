@@ -56,8 +56,9 @@ CSS = """
 #   most attended one): their labels turn bold and orange until the pointer leaves;
 # - after every drawing (``plotly_afterplot``: a new figure, a resize), x tick labels that would overlap other
 #   labels are hidden, the least attended (or least probable) pieces' first, whatever the plot's width: the
-#   columns attention goes to keep their names, and every piece stays in the hover (ui.source_ticks turns a
-#   long message's labels first, so that few need hiding).
+#   columns attention goes to keep their names, no faint column's name stands where an attended one's was
+#   hidden, and every piece stays in the hover (ui.source_ticks turns a long message's labels first, so that
+#   few need hiding).
 HIGHLIGHT = 0.1
 PAGE_JS = """() => {
   const toStep = (e) => {
@@ -98,17 +99,23 @@ PAGE_JS = """() => {
       const w = weightsOn(plot, ticks[0].getAttribute('class').replace(/tick$/, ''));
       const labels = ticks.map((g, i) => [g.querySelector('text'), g.__data__ ? g.__data__.x : i]).filter(([t]) => t);
       labels.forEach(([t]) => { t.style.display = ''; t.dataset.thinned = ''; });
-      // the labels of the most attended (most probable) pieces first; a label that would overlap one kept goes
+      // the labels of the most attended (most probable) pieces first; a label that would overlap one kept goes.
+      // An attended piece's label, hidden, still holds its place: a faint neighbour's label beside its dark
+      // column would read as that column's name
       const boxes = labels.map(([t, x]) => [t, t.getBoundingClientRect(), x]).filter(([, b]) => b.width > 0)
         .sort((a, b) => (w[b[2]] || 0) - (w[a[2]] || 0) || a[2] - b[2]);
-      const kept = [];
-      for (const [t, b] of boxes) {
-        const overlaps = kept.some((k) => b.left < k.right + 1 && k.left < b.right + 1);
-        if (overlaps) { t.style.display = 'none'; t.dataset.thinned = '1'; } else kept.push(b);
+      const taken = [];
+      for (const [t, b, x] of boxes) {
+        if (taken.some((k) => b.left < k.right + 1 && k.left < b.right + 1)) {
+          t.style.display = 'none';
+          t.dataset.thinned = '1';
+          if ((w[x] || 0) >= HIGHLIGHT) taken.push(b);
+        } else taken.push(b);
       }
     }
-    // a recall model's group names (메시지 | 기억 1 · score / question | ...): where two would overlap, every
-    // name drops its question line (still in the name's hover), then, if need be, its score
+    // a recall model's group names (메시지 | 기억 1 · 유사도 score / question | ...): where two would overlap, every
+    // name drops its question line (still in the name's hover), then, as long as need be, the word 유사도, the
+    // score, and at last every other name moves up a line
     const names = [...plot.querySelectorAll('g.annotation')].filter((a) => /^(메시지|기억 \\d)/.test(a.textContent));
     const lines = (a) => {  // a one-line name has no tspan of its own
       const l = [...a.querySelectorAll('text.annotation-text tspan.line')];
@@ -121,16 +128,23 @@ PAGE_JS = """() => {
         .filter((b) => b.width > 0).sort((a, b) => a.left - b.left);
       return boxes.some((b, i) => i > 0 && b.left < boxes[i - 1].right + 2);
     };
-    names.forEach((a) => lines(a).forEach((l) => {
-      l.style.display = '';
-      if (l.dataset.full) l.textContent = l.dataset.full;
+    names.forEach((a) => {
+      a.style.transform = '';
+      lines(a).forEach((l) => {
+        l.style.display = '';
+        if (l.dataset.full) l.textContent = l.dataset.full;
+      });
+    });
+    const firstLines = (short) => names.forEach((a) => lines(a).slice(0, 1).forEach((l) => {
+      if (!l.dataset.full) l.dataset.full = l.textContent;
+      l.textContent = short(l.dataset.full);
     }));
     if (names.length > 1 && crowded()) {
       names.forEach((a) => lines(a).slice(1).forEach((l) => { l.style.display = 'none'; }));
-      if (crowded()) names.forEach((a) => lines(a).slice(0, 1).forEach((l) => {
-        if (!l.dataset.full) l.dataset.full = l.textContent;
-        l.textContent = l.dataset.full.split(' · ')[0];
-      }));
+      if (crowded()) firstLines((full) => full.replace(' · 유사도 ', ' · '));
+      if (crowded()) firstLines((full) => full.split(' · ')[0]);
+      if (crowded()) [...names].sort((a, b) => a.getBoundingClientRect().left - b.getBoundingClientRect().left)
+        .forEach((a, i) => { if (i % 2) a.style.transform = 'translateY(-14px)'; });
     }
   };
   const listen = (plot, name, fn) => { plot.removeListener(name, fn); plot.on(name, fn); };
@@ -188,8 +202,8 @@ def model_limits(total: int | None = None) -> dict[str, int]:
     return {"chat": max(1, n // 2), "reply": max(1, n - n // 2)}
 
 
-DECODING_ROWS = (("beam_size", "length_penalty"), ("temperature", "top_k", "top_p"),
-                 ("max_len", "no_repeat_ngram", "repetition_penalty"))  # the sliders: beam's, sampling's, everyone's
+DECODING_ROWS = (("beam_size", "length_penalty"), ("temperature", "top_k"), ("top_p",),
+                 ("max_len", "no_repeat_ngram"), ("repetition_penalty",))  # beam's, sampling's, every strategy's
 
 
 def build_demo(bots: dict[str, ChatBot], length_plot: str | Path = LENGTH_PLOT) -> gr.Blocks:
@@ -279,6 +293,7 @@ def _chat_tab(bots: dict[str, ChatBot]) -> ChatTab:
                                             elem_id="turn-pick", scale=3)
                     replay, pace = _replay_controls()
                 nbest = gr.Dataframe(headers=ui.NBEST_HEADERS, value=[], interactive=False, wrap=True, elem_id="nbest",
+                                     column_widths=["16%", "59%", "25%"],
                                      label="빔 후보 n-best (행을 누르면 그 후보의 히트맵 / click a row) · 점수: 로그 "
                                            "확률, 빔은 길이 보정 (log-probability; beam: length-normalised)")
                 step = gr.Slider(1, 2, value=1, step=1, label="단계 살펴보기 step inspector", visible=False,
@@ -310,15 +325,18 @@ def _decoding_controls() -> list[gr.components.Component]:
         gr.Markdown("고른 전략이 쓰는 설정만 보여요: 빔 크기·길이 보정은 빔 탐색, 온도·top-k·top-p는 샘플링. "
                     "(Only the settings the chosen strategy uses are shown: beam size and length penalty for "
                     "beam search, temperature, top-k and top-p for sampling.)")
-        for row in DECODING_ROWS:
-            with gr.Row():
-                for name in row:
+        rows = []  # (row, the strategies its sliders serve): a row shows or hides as a whole, leaving no gap
+        for names in DECODING_ROWS:
+            serves = OPTIONS[names[0]].strategies
+            assert all(OPTIONS[name].strategies == serves for name in names), names
+            with gr.Row(visible=OPTIONS["strategy"].default in serves) as row:
+                for name in names:
                     spec = OPTIONS[name]
                     built[name] = gr.Slider(spec.low, spec.high, value=spec.default, step=spec.step,
-                                            label=spec.label, visible=OPTIONS["strategy"].default in spec.strategies)
-        sliders = [name for row in DECODING_ROWS for name in row]
-        strategy.change(lambda chosen: [gr.update(visible=chosen in OPTIONS[name].strategies) for name in sliders],
-                        inputs=[strategy], outputs=[built[name] for name in sliders], api_name="show_controls",
+                                            label=spec.label)
+            rows.append((row, serves))
+        strategy.change(lambda chosen: [gr.update(visible=chosen in serves) for _, serves in rows],
+                        inputs=[strategy], outputs=[row for row, _ in rows], api_name="show_controls",
                         api_visibility="private", queue=False)
     return [built[name] for name in ui.CONTROLS]
 
@@ -340,7 +358,8 @@ def _compare_tab(bots: dict[str, ChatBot]) -> CompareTab:
                     with gr.Column():
                         gr.Markdown(ui.describe(bot, name))
                         outputs.append(gr.Textbox(label=f"{name} 답변 reply", interactive=False))
-                        outputs.append(gr.Plot(ui.reply_figure(None), label=f"{name} attention"))
+                        outputs.append(gr.Plot(ui.reply_figure(None), label=f"{name} attention",
+                                               show_label=False))  # its badge covered the group names
                 if len(items) > 1 and len(items[row: row + 2]) == 1:
                     gr.Column()  # an odd last model keeps half the width
     return CompareTab(msg, button, outputs)
@@ -357,7 +376,7 @@ def _about_tab(bots: dict[str, ChatBot], length_plot: Path) -> None:
                 if bot.config.tokenizer.morphemes:
                     gr.Markdown("⚠️ 이 체크포인트는 konlpy 형태소 분석을 써서 Java 런타임(JRE)이 필요해요.")
                 gr.Markdown(ui.model_card(bot), elem_classes=["model-card"])
-                gr.Plot(ui.training_figure(bot.path), label="학습 곡선 training curves")
+                gr.Plot(ui.training_figure(bot.path), label="학습 곡선 training curves", show_label=False)
                 _attention_epochs(bot, i)
 
 

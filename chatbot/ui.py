@@ -204,7 +204,7 @@ def source_ticks(pieces: Sequence[str]) -> dict[str, Any]:
     overlap (PAGE_JS in chatbot/demo.py); every piece stays in the hover."""
     n, turned = len(pieces), len(pieces) > UPRIGHT_PIECES
     return dict(tickmode="array", tickvals=list(range(n)), ticktext=[literal(p) for p in pieces], automargin=True,
-                tickangle=-90 if turned else 0, tickfont=dict(size=11 if turned else 12))
+                tickangle=-90 if turned else 0, tickfont=dict(size=10 if turned else 12))
 
 
 def note_figure(text: str, width: int = 30) -> go.Figure:
@@ -275,17 +275,19 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
     if pieces_copied is not None and weight:  # the piece's own share, as the step inspector shows it
         shares = [(None, None) if i >= len(pieces_copied) else pieces_copied[i] for i in range(R)]
         z = [[None if c is None else round(c, 3)] for c, _ in shares]
+        text = [["" if c is None else f"{100 * c:.0f}"] for c, _ in shares]  # percent, no sign: "100%" overflows a phone's cell
         hover = [[f"{r}: 복사 copied {c:.0%}{f' ({src})' if src else ''} · 생성 generated {1 - c:.0%}"
                   f"<br>게이트 gate 1−g = {w:.0%}" if c is not None else
                   f"{r}: 상위 후보 밖 outside the top-k<br>게이트 gate 1−g = {w:.0%}"]
                  for r, (c, src), w in zip(rep, shares, weight)]
     else:  # no candidates (the epoch log): the gate's copy weight
         z = [[w] for w in weight]
+        text = [[f"{100 * w:.0f}"] for w in weight]
         hover = [[f"{r}: 게이트 gate 1−g = {w:.0%} (복사 쪽 가중치 copy weight)"] for r, w in zip(rep, weight)]
     if weight:
         fig.add_trace(go.Heatmap(
             z=z, x=[0], y=list(range(R)), zmin=0.0, zmax=1.0, colorscale="Oranges",
-            showscale=False, xgap=1, ygap=1, customdata=hover, texttemplate="%{z:.0%}", textfont=dict(size=9),
+            showscale=False, xgap=1, ygap=1, customdata=hover, text=text, texttemplate="%{text}", textfont=dict(size=9),
             hovertemplate="%{customdata}<extra></extra>"), 1, 2)
     for g in groups[1:]:  # a line before each recall, its name and score above its columns
         fig.add_vline(x=g.start - 0.5, line=dict(color="#e6550d", width=2), row=1, col=1)
@@ -298,7 +300,7 @@ def recall_figure(source_tokens: Sequence[str], reply_tokens: Sequence[str], att
                            text=label, showarrow=False, font=dict(size=11, color="#e6550d" if g.question else "#333"),
                            hovertext=whole)
     fig.update_xaxes(side="top", **source_ticks(source_tokens), row=1, col=1)
-    strip = "복사<br>copied" if pieces_copied is not None else "1−g"  # a piece's copied share, or the gate's copy weight
+    strip = "복사 %<br>copied" if pieces_copied is not None else "1−g<br>%"  # a piece's copied share, or the gate's copy weight
     fig.update_xaxes(tickmode="array", tickvals=[0], ticktext=[strip], side="top", row=1, col=2)
     fig.update_yaxes(tickmode="array", tickvals=list(range(R)), ticktext=rep, autorange="reversed",
                      title=dict(text="답변 조각 reply pieces"), row=1, col=1)
@@ -367,7 +369,8 @@ def step_figure(reply: Reply | None, step: int) -> go.Figure:
                      row=1, col=1)
     totals = [c.prob for c in cands]
     fig.data[len(fig.data) - 1].update(text=[f"{p:.0%}" if p >= 0.005 else "<1%" for p in totals],
-                                       textposition="outside", textfont=dict(size=10), cliponaxis=False)
+                                       textposition=["inside" if p > 0.8 else "outside" for p in totals],  # clear of the title
+                                       insidetextanchor="end", textfont=dict(size=10), cliponaxis=False)
     fig.update_yaxes(range=[0, min(1.0, 1.25 * max(totals, default=1.0)) or 1.0], title=dict(text="확률 prob"),
                      row=1, col=1)
     if has_att:
@@ -422,9 +425,9 @@ def training_figure(ckpt_dir: str | Path | None) -> go.Figure:
         line(chrf, "val chrF", row=2, mode="lines+markers", line=dict(color="#31a354"))
         fig.update_yaxes(title=dict(text="chrF"), row=2, col=1)
     fig.update_xaxes(title=dict(text="step"), row=len(specs), col=1)
-    fig = _layout(fig, "학습 곡선 training curves", height=(480 if chrf else 360) + 50)
-    return fig.update_layout(legend=dict(orientation="h", x=0.5, xanchor="center", y=-0.12, yanchor="top"),
-                             margin=dict(b=60))  # under the plot: beside it, it covers the perplexity axis on a phone
+    fig = _layout(fig, "학습 곡선 training curves", height=(480 if chrf else 360) + 90)
+    return fig.update_layout(legend=dict(orientation="h", x=0.5, xanchor="center", y=-0.2, yanchor="top"),
+                             margin=dict(b=110))  # under the step axis: beside the plot it covers the perplexity axis on a phone
 
 
 # ---------------------------------------------------------------- attention over the epochs

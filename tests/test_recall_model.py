@@ -207,8 +207,9 @@ def test_the_heatmap_groups_message_and_recall_columns(recall_checkpoint, tiny_b
     names = [a.text for a in fig.layout.annotations]
     assert names[0] == "메시지<br>message" and all(n.startswith(f"기억 {k} · 유사도 {g.score:.2f}") for k, (n, g)
                                        in enumerate(zip(names[1:], r.groups[1:]), 1))
-    assert strip.texttemplate == "%{z:.0%}" and fig.layout.xaxis2.ticktext == ("복사<br>copied",)  # shares printed
-    assert no_candidates.layout.xaxis2.ticktext == ("1−g",)  # without candidates it is the gate's weight
+    assert [row[0] for row in strip.text] == [f"{100 * c.copied:.0f}" for c in chosen]  # shares printed, in percent
+    assert fig.layout.xaxis2.ticktext == ("복사 %<br>copied",)
+    assert no_candidates.layout.xaxis2.ticktext == ("1−g<br>%",)  # without candidates it is the gate's weight
     assert "기억" in ui.model_kind(ChatBot.from_checkpoint(recall_checkpoint, device="cpu"))  # the dropdown says so
     assert [s.x0 for s in fig.layout.shapes] == [g.start - 0.5 for g in r.groups[1:]]
     status = ui.turn_view([ui.Turn("헤어진 지 한 달 됐어", r)]).status
