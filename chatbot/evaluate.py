@@ -226,6 +226,13 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def series_name(result: dict[str, Any]) -> str:
+    """A checkpoint's name in the plot's legend: its folder and what sets it apart ("recall: recall + copy")."""
+    kind = ("recall + copy" if result.get("recall") else "no attention" if result["attention"] == "none"
+            else f"{result['attention']} attention")
+    return f"{result['checkpoint'].rstrip('/').split('/')[-1]}: {kind}"
+
+
 def plot_chrf_by_length(results: Sequence[dict[str, Any]], path: str) -> None:
     """Bar chart of chrF per question-length bucket, one bar group per evaluated model (+ retrieval)."""
     import matplotlib
@@ -235,10 +242,7 @@ def plot_chrf_by_length(results: Sequence[dict[str, Any]], path: str) -> None:
 
     if any("Nanum" in f.name for f in font_manager.fontManager.ttflist):
         plt.rcParams["font.family"] = "NanumGothic"  # Hangul labels need a Korean font
-    def kind(r: dict[str, Any]) -> str:
-        return "recall + copy" if r.get("recall") else "no attention" if r["attention"] == "none" else f"{r['attention']} attention"
-    series = [(f"{r['checkpoint'].rstrip('/').split('/')[-1]}: {kind(r)}", r["chrf_by_source_length"]["model"])
-              for r in results]
+    series = [(series_name(r), r["chrf_by_source_length"]["model"]) for r in results]
     series.append(("retrieval (TF-IDF)", results[0]["chrf_by_source_length"]["retrieval_baseline"]))
     buckets = [row["bucket"] for row in series[0][1]]
     width = 0.8 / len(series)

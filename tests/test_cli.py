@@ -109,6 +109,19 @@ def test_evaluate_prints_model_and_baseline_figures(tiny_checkpoint, tiny_corpus
     assert 0 <= probe["exact_match"] <= 1 and 0 < probe["chrf"] <= 100
 
 
+def test_evaluate_plots_chrf_by_length_naming_each_checkpoint(tiny_checkpoint, tiny_corpus_csv, tmp_path):
+    from chatbot.evaluate import series_name
+
+    png = tmp_path / "by_length.png"
+    p = run("evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_corpus_csv), "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(p.stdout)
+    assert series_name(result) == f"{tiny_checkpoint.name}: general attention"
+    assert series_name({**result, "checkpoint": "checkpoints/none/", "attention": "none"}) == "none: no attention"
+    assert series_name({**result, "checkpoint": "checkpoints/recall", "recall": {"gate_mean": 0.5}}) == "recall: recall + copy"
+
+
 def test_corrupt_checkpoint_exits_non_zero_without_a_traceback(tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_checkpoint, bad)
