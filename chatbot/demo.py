@@ -80,6 +80,13 @@ PAGE_JS = """() => {
       // a label thinned away for room is shown while it is attended: the column must read as its own piece
       label.style.display = on || label.dataset.thinned !== '1' ? '' : 'none';
     });
+    // ... and an unattended label it would overlap steps aside until the pointer leaves
+    const shown = [...plot.querySelectorAll('g.xtick text')].filter((t) => t.style.display !== 'none');
+    const marked = shown.filter((t) => t.classList.contains('attended')).map((t) => t.getBoundingClientRect());
+    shown.filter((t) => !t.classList.contains('attended')).forEach((t) => {
+      const b = t.getBoundingClientRect();
+      if (marked.some((k) => b.left < k.right && k.left < b.right)) t.style.display = 'none';
+    });
   };
   const weightsOn = (plot, axis) => {  // per tick value of x axis ``axis`` ('x', 'x2'): how much its traces put there
     const w = {};

@@ -357,6 +357,12 @@ SHOWN_COLUMNS = """id => [...document.querySelector('#' + id + ' .xaxislayer-abo
   .filter(g => { const t = g.querySelector('text'); return t && getComputedStyle(t).display !== 'none'
                  && t.getBoundingClientRect().width > 0; }).map(g => g.__data__.x)"""
 
+# the heatmap's shown unattended labels that overlap an attended (marked) one: [unattended, attended] texts
+CROSSED = """() => { const shown = [...document.querySelectorAll('#heatmap g.xtick text')]
+    .filter(t => getComputedStyle(t).display !== 'none' && t.getBoundingClientRect().width > 0);
+  const on = shown.filter(t => t.classList.contains('attended')), off = shown.filter(t => !t.classList.contains('attended'));
+  return off.flatMap(t => on.filter(a => { const b = t.getBoundingClientRect(), c = a.getBoundingClientRect();
+    return b.left < c.right && c.left < b.right; }).map(a => [t.textContent, a.textContent])); }"""
 # (x position, box) of every tick label on plot ``id``'s first x axis, the hidden ones measured as if shown
 ALL_TICK_BOXES = """id => [...document.querySelector('#' + id + ' .xaxislayer-above').querySelectorAll('g[class$="tick"]')]
   .map(g => { const t = g.querySelector('text'), was = t.style.display; t.style.display = '';
@@ -435,6 +441,7 @@ def test_the_48_pieces_of_a_long_question_get_labels_that_do_not_overlap(shipped
                                f"{json.dumps(json.dumps(want, ensure_ascii=False, separators=(',', ':')))}", timeout=10_000)
         attended = page.evaluate(shown_attended)
         assert all(visible for _, visible in attended), (width, k, attended)
+        assert page.evaluate(CROSSED) == [], (width, k)  # no unattended label shown across an attended one
     page.mouse.move(5, 5)
     page.wait_for_function(f"() => ({shown_attended})().length === 0", timeout=10_000)
     (after,) = page.evaluate(SHOWN_TICKS, "heatmap")
