@@ -313,9 +313,19 @@ def test_replay_grows_the_chosen_turns_heatmap_again_and_ends_with_all_of_it(fre
     n = len(expected.reply_tokens)
     wait_for_heatmap(page, len(expected.source_tokens), n)
     page.locator("#replay-pace input[type=range]").fill("10")  # 10 pieces a second
-    page.evaluate(WATCH_ROWS)
-    page.get_by_role("button", name="▶ 다시 보기 replay").click()
-    page.wait_for_function(f"() => window.rows.length > 1 && window.rows.at(-1) === {n}", timeout=30_000)
+    done = f"() => window.rows.length > 1 && window.rows.at(-1) === {n}"
+    for attempt in (1, 2):
+        page.evaluate(WATCH_ROWS)
+        page.get_by_role("button", name="▶ 다시 보기 replay").click()
+        try:
+            page.wait_for_function(done, timeout=20_000)
+            break
+        except playwright_api.TimeoutError:
+            # once in a CI run gradio lost the session's event stream under load (a 404 raised inside its own
+            # sse_stream) and this replay never drew; a second click must then draw it whole
+            page.evaluate("clearInterval(window.rowsTimer)")
+            if attempt == 2:
+                raise
     rows = page.evaluate("clearInterval(window.rowsTimer), window.rows")
     assert rows[0] == n and rows[1] == 1, rows  # from the finished heatmap back to its first row ...
     assert rows[1:] == sorted(set(rows[1:])) and len(rows) - 1 >= n // 2, rows  # ... one row more at a time
